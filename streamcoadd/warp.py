@@ -1,0 +1,336 @@
+"""Read and validate warp FITS files (SPEC §2).
+
+:func:`read_warp` returns a :class:`Warp` with arrays in native byte order and the mask in
+canonical bits, or raises :class:`~streamcoadd.errors.WarpRejected` naming the file and the
+problem.  Reading has no side effects: it never touches a state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+
+from .errors import UserError, WarpRejected
+from .masks import CANONICAL_PLANES, bitmask, planes_from_header, remap_to_canonical
+from .skymap import Box, SkyMap
+
+NO_DATA = 1 << CANONICAL_PLANES["NO_DATA"]
+MAX_WARP_BYTES = 8 * 2**30  # refuse absurd files before reading them
+WCS_TOLERANCE_PX = 1e-3
+
+
+@dataclass(frozen=True)
+class WarpId:
+    """What makes a warp unique in a state: one (visit, detector) on one tract."""
+
+    tract: int
+    visit: int
+    detector: int
+
+    def __str__(self) -> str:
+        return f"visit {self.visit} detector {self.detector} (tract {self.tract})"
+
+
+@dataclass
+class PsfModel:
+    """PSF stamps on the tract pixel grid.
+
+    ``stamps``: (n, h, w) float64, odd h and w, centred. ``positions``: (n, 2) tract pixel
+    (x, y) where each applies, or ``None`` for a single stamp valid everywhere.
+    """
+
+    stamps: np.ndarray
+    positions: np.ndarray | None
+
+    def at(self, x: float, y: float) -> np.ndarray:
+        """The stamp nearest to tract pixel (x, y) (the grid is not interpolated)."""
+        if self.positions is None:
+            return self.stamps[0]
+        d2 = (self.positions[:, 0] - x) ** 2 + (self.positions[:, 1] - y) ** 2
+        return self.stamps[int(np.argmin(d2))]
+
+
+@dataclass
+class Warp:
+    """One validated warp. Arrays have shape (H, W); pixel [0, 0] is tract pixel ``xy0``."""
+
+    path: str
+    content_hash: str  # sha256 of the file bytes
+    id: WarpId
+    band: str
+    xy0: tuple[int, int]
+    image: np.ndarray  # float32, nJy
+    mask: np.ndarray  # int32, canonical bits
+    variance: np.ndarray  # float32, nJy^2
+    psf: PsfModel
+    noise: list[np.ndarray]  # float32 noise realizations, same shape as image
+    weight_override: float | None = None
+    instrument: str = ""
+    physical_filter: str = ""
+    mjd: float = float("nan")
+    unknown_planes: tuple[str, ...] = ()
+
+    @property
+    def box(self) -> Box:
+        h, w = self.image.shape
+        return Box(self.xy0[0], self.xy0[1], self.xy0[0] + w, self.xy0[1] + h)
+
+
+def file_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realizations: int = 0,
+              data: bytes | None = None) -> Warp:
+    """Read and validate one warp file.
+
+    ``bad_planes`` are the planes that will be interpolated; values under them are not
+    required to be finite. ``noise_realizations`` NOISEk HDUs are required and read.
+    ``data`` may pass the file bytes already read.
+    """
+    path = str(path)
+    if data is None:
+        data = _read_bytes(path)
+    if len(data) == 0:
+        raise WarpRejected(path, "the file is empty")
+    if not data.startswith(b"SIMPLE  ="):
+        raise WarpRejected(path, "not a FITS file (it does not start with 'SIMPLE  =')")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AstropyWarning)
+            with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
+                return _parse(path, data, hdul, skymap, bad_planes, noise_realizations)
+    except WarpRejected:
+        raise
+    except UserError as e:
+        raise WarpRejected(path, str(e)) from None
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AstropyWarning,
+            fits.VerifyError, MemoryError, OverflowError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WarpRejected(path, f"not a readable warp FITS file ({msg[:300]})") from None
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_WARP_BYTES:
+            raise WarpRejected(path, f"file is {size / 2**30:.1f} GiB, larger than the "
+                                     f"{MAX_WARP_BYTES / 2**30:.0f} GiB limit for one warp")
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise WarpRejected(path, "the file disappeared before it could be read") from None
+    except PermissionError:
+        raise WarpRejected(path, "permission denied reading the file; fix its permissions "
+                                 "and deliver it again") from None
+    except IsADirectoryError:
+        raise WarpRejected(path, "is a directory, not a warp file") from None
+    except OSError as e:
+        raise WarpRejected(path, f"cannot read the file: {e.strerror or e}") from None
+
+
+def _hdu(path, hdul, name):
+    try:
+        hdu = hdul[name]
+    except KeyError:
+        present = ", ".join(h.name for h in hdul[1:]) or "none"
+        raise WarpRejected(path, f"missing HDU {name!r} (extensions present: {present})") from None
+    if hdu.data is None:
+        raise WarpRejected(path, f"HDU {name!r} holds no data")
+    return hdu
+
+
+def _int_key(path, header, key, where="primary header"):
+    if key not in header:
+        raise WarpRejected(path, f"{where} lacks required keyword {key}")
+    v = header[key]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise WarpRejected(path, f"{where} keyword {key} must be an integer, got {v!r}")
+    if not 0 <= int(v) < 2**62:
+        raise WarpRejected(path, f"{where} keyword {key} = {v} is out of range")
+    return int(v)
+
+
+def _parse(path, data, hdul, skymap, bad_planes, noise_realizations) -> Warp:
+    ph = hdul[0].header
+    visit = _int_key(path, ph, "VISIT")
+    detector = _int_key(path, ph, "DETECTOR")
+    tract_id = _int_key(path, ph, "TRACT")
+    band = ph.get("BAND")
+    if not isinstance(band, str) or not band.strip() or len(band) > 32 \
+            or not band.strip().replace("_", "").replace("-", "").isalnum():
+        raise WarpRejected(path, f"primary header BAND must be a short name like 'r', got {band!r}")
+    band = band.strip()
+    weight = ph.get("WEIGHT")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not np.isfinite(weight) or weight <= 0:
+            raise WarpRejected(path, f"header WEIGHT must be a positive finite number, got {weight!r}")
+        weight = float(weight)
+    tract = skymap.tract(tract_id)
+
+    img_hdu = _hdu(path, hdul, "IMAGE")
+    msk_hdu = _hdu(path, hdul, "MASK")
+    var_hdu = _hdu(path, hdul, "VARIANCE")
+    ih = img_hdu.header
+    bunit = str(ih.get("BUNIT", "")).strip()
+    if bunit != "nJy":
+        raise WarpRejected(path, f"IMAGE BUNIT is {bunit or 'missing'!r}; warps must be "
+                                 "calibrated to 'nJy'")
+    image, mask_raw, variance = img_hdu.data, msk_hdu.data, var_hdu.data
+    if image.ndim != 2:
+        raise WarpRejected(path, f"IMAGE must be 2-D, it has shape {image.shape}")
+    for name, arr in (("MASK", mask_raw), ("VARIANCE", variance)):
+        if arr.shape != image.shape:
+            raise WarpRejected(path, f"{name} shape {arr.shape} differs from IMAGE shape {image.shape}")
+    if image.dtype.kind != "f" or variance.dtype.kind != "f":
+        raise WarpRejected(path, "IMAGE and VARIANCE must be floating point")
+    if mask_raw.dtype.kind not in "iu":
+        raise WarpRejected(path, "MASK must be an integer image")
+
+    xy0 = _pixel_origin(path, ih)
+    box = Box(xy0[0], xy0[1], xy0[0] + image.shape[1], xy0[1] + image.shape[0])
+    _check_wcs(path, ih, tract, xy0)
+
+    planes = planes_from_header(msk_hdu.header)
+    if not planes:
+        raise WarpRejected(path, "MASK header has no MP_<NAME> keywords naming its bit planes")
+    if any(not 0 <= b < 32 for b in planes.values()):
+        raise WarpRejected(path, "MASK MP_* bit indices must be in 0..31")
+    mask, unknown = remap_to_canonical(mask_raw.astype(np.int32, copy=False), planes)
+    image = image.astype(np.float32, copy=False)
+    variance = variance.astype(np.float32, copy=False)
+
+    nodata = (mask & NO_DATA) != 0
+    checked = ~nodata & ((mask & bitmask(bad_planes)) == 0)
+    _check_good_pixels(path, image, variance, checked, box)
+
+    psf = _read_psf(path, hdul)
+    noise = []
+    for k in range(noise_realizations):
+        name = f"NOISE{k}"
+        if name not in hdul:
+            raise WarpRejected(path, f"missing HDU {name}: the state coadds {noise_realizations} "
+                                     "noise realization(s), so every warp must carry them")
+        n = hdul[name].data
+        if n is None or n.shape != image.shape:
+            raise WarpRejected(path, f"{name} shape differs from IMAGE shape {image.shape}")
+        n = n.astype(np.float32, copy=False)
+        if not np.isfinite(n[checked]).all():
+            raise WarpRejected(path, f"{name} has non-finite values in good pixels")
+        noise.append(n)
+
+    return Warp(path=path, content_hash=file_hash(data),
+                id=WarpId(tract_id, visit, detector), band=band, xy0=xy0,
+                image=image, mask=mask, variance=variance, psf=psf, noise=noise,
+                weight_override=weight, instrument=str(ph.get("INSTRUME", "")),
+                physical_filter=str(ph.get("PHYSFILT", "")),
+                mjd=float(ph.get("MJD-OBS", float("nan"))), unknown_planes=tuple(unknown))
+
+
+def _pixel_origin(path, h) -> tuple[int, int]:
+    """Tract pixel of array element [0, 0], from LTV1/2 or CRVAL1A/2A (WCSNAMEA PHYSICAL)."""
+    found = []
+    if "LTV1" in h and "LTV2" in h:
+        found.append(("LTV1/LTV2", -h["LTV1"], -h["LTV2"]))
+    if "CRVAL1A" in h and "CRVAL2A" in h:
+        # afw writes CRPIX1A = 1, so CRVAL1A is the tract x of local pixel 0.
+        crpix = (h.get("CRPIX1A", 1.0), h.get("CRPIX2A", 1.0))
+        found.append(("CRVAL1A/CRVAL2A", h["CRVAL1A"] - (crpix[0] - 1),
+                      h["CRVAL2A"] - (crpix[1] - 1)))
+    if not found:
+        raise WarpRejected(path, "IMAGE header gives no pixel origin: expected LTV1/LTV2 "
+                                 "(= -x0, -y0) or CRVAL1A/CRVAL2A with WCSNAMEA = 'PHYSICAL'")
+    origins = set()
+    for name, x, y in found:
+        if not (float(x).is_integer() and float(y).is_integer()) or max(abs(x), abs(y)) > 2**30:
+            raise WarpRejected(path, f"pixel origin from {name} ({x}, {y}) is not a sane integer")
+        origins.add((int(x), int(y)))
+    if len(origins) > 1:
+        raise WarpRejected(path, f"LTV1/LTV2 and CRVAL1A/CRVAL2A disagree on the pixel origin: {origins}")
+    return origins.pop()
+
+
+def _check_wcs(path, header, tract, xy0):
+    """The IMAGE WCS must be the tract's grid shifted to ``xy0``."""
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            w = WCS(header, naxis=2)
+        except Exception as e:  # astropy raises many kinds for broken WCS
+            raise WarpRejected(path, f"IMAGE WCS cannot be parsed: {e}") from None
+    if not w.has_celestial or "TAN" not in w.wcs.ctype[0]:
+        raise WarpRejected(path, f"IMAGE WCS must be the tract's TAN projection, "
+                                 f"got CTYPE {list(w.wcs.ctype)}")
+    ny, nx = header.get("NAXIS2", 1), header.get("NAXIS1", 1)
+    local = np.array([[0, 0], [nx - 1, 0], [0, ny - 1], [nx - 1, ny - 1], [nx / 2, ny / 2]], float)
+    try:
+        world = w.pixel_to_world_values(local[:, 0], local[:, 1])
+        tx, ty = tract.wcs().world_to_pixel_values(*world)
+    except Exception as e:
+        raise WarpRejected(path, f"IMAGE WCS cannot be evaluated: {e}") from None
+    err = np.hypot(tx - (local[:, 0] + xy0[0]), ty - (local[:, 1] + xy0[1]))
+    if not np.all(np.isfinite(err)) or err.max() > WCS_TOLERANCE_PX:
+        raise WarpRejected(path, f"IMAGE WCS is not tract {tract.id}'s pixel grid at origin "
+                                 f"{xy0} (off by up to {np.nanmax(err) if np.isfinite(err).any() else float('inf'):.3g} px); "
+                                 "warps must be resampled onto the tract grid")
+
+
+def _check_good_pixels(path, image, variance, good, box):
+    for name, arr, test in (("IMAGE", image, np.isfinite), ("VARIANCE", variance, None)):
+        if test is not None:
+            bad = good & ~test(arr)
+            what = "non-finite values"
+        else:
+            with np.errstate(invalid="ignore"):
+                bad = good & ~(arr > 0) | good & ~np.isfinite(arr)
+            what = "non-finite or non-positive values"
+        n = int(np.count_nonzero(bad))
+        if n:
+            y, x = np.argwhere(bad)[0]
+            raise WarpRejected(path, f"{name} has {what} in {n} good pixel(s) (first at tract "
+                                     f"pixel x={box.x0 + x}, y={box.y0 + y}); mark them NO_DATA "
+                                     "or BAD in the mask")
+
+
+def _read_psf(path, hdul) -> PsfModel:
+    hdu = _hdu(path, hdul, "PSF")
+    stamps = np.asarray(hdu.data, dtype=np.float64)
+    if stamps.ndim == 2:
+        stamps = stamps[None]
+        positions = None
+    elif stamps.ndim == 3:
+        if "PSFPOS" not in hdul:
+            raise WarpRejected(path, "PSF is a cube but there is no PSFPOS table giving where "
+                                     "each stamp applies")
+        tab = hdul["PSFPOS"].data
+        try:
+            positions = np.column_stack([np.asarray(tab["x"], float), np.asarray(tab["y"], float)])
+        except (KeyError, TypeError):
+            raise WarpRejected(path, "PSFPOS table must have columns 'x' and 'y'") from None
+        if len(positions) != len(stamps):
+            raise WarpRejected(path, f"PSFPOS has {len(positions)} rows for {len(stamps)} PSF stamps")
+        if not np.isfinite(positions).all():
+            raise WarpRejected(path, "PSFPOS has non-finite positions")
+    else:
+        raise WarpRejected(path, f"PSF must be a 2-D stamp or a 3-D cube, got shape {stamps.shape}")
+    h, w = stamps.shape[1:]
+    if h % 2 == 0 or w % 2 == 0:
+        raise WarpRejected(path, f"PSF stamps must have odd sizes to be centred, got {h}x{w}")
+    if not np.isfinite(stamps).all():
+        raise WarpRejected(path, "PSF has non-finite values")
+    sums = stamps.sum(axis=(1, 2))
+    if np.any(np.abs(sums - 1) > 0.1):
+        raise WarpRejected(path, f"PSF stamps must sum to about 1, got sums from "
+                                 f"{sums.min():.3g} to {sums.max():.3g}")
+    return PsfModel(stamps=stamps, positions=positions)
