@@ -189,6 +189,7 @@ class CellSums:
     psf_sum: np.ndarray
     psf_w: float = 0.0
     planes: dict[str, np.ndarray] = field(default_factory=dict)
+    bit_counts: dict[int, np.ndarray] = field(default_factory=dict)  # bit -> int32 count
     contributors: list[Contributor] = field(default_factory=list)
 
     @classmethod
@@ -202,7 +203,7 @@ class CellSums:
     @property
     def nbytes(self) -> int:
         arrays = [self.sum_w, self.sum_wI, self.sum_w2var, self.sum_w_interp, self.mask_or,
-                  self.noise, self.psf_sum, *self.planes.values()]
+                  self.noise, self.psf_sum, *self.planes.values(), *self.bit_counts.values()]
         return sum(a.nbytes for a in arrays)
 
 
@@ -333,4 +334,14 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box) -> None:
             if arr is None:
                 arr = sums.planes[name] = np.zeros(outer.shape, np.float64)
             arr[cs] += p * w
-    sums.mask_or[cs] |= pw.or_mask[ws]
+    or_mask = pw.or_mask[ws]
+    bits = int(np.bitwise_or.reduce(or_mask, axis=None))
+    if bits:
+        # Per-bit input counts make the OR reversible (retraction) and order independent.
+        sums.mask_or[cs] |= or_mask
+        for bit in range(32):
+            if bits >> bit & 1:
+                cnt = sums.bit_counts.get(bit)
+                if cnt is None:
+                    cnt = sums.bit_counts[bit] = np.zeros(outer.shape, np.int32)
+                cnt[cs] += (or_mask >> bit) & 1
