@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    for name in ("simulate", "daemon", "tools"):
+    for name in ("simulate", "daemon", "verify", "plot", "distributed"):
         try:
             mod = importlib.import_module(f".{name}", __package__)
         except ModuleNotFoundError as e:
