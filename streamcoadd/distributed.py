@@ -64,9 +64,14 @@ MAX_CONFLICT_ATTEMPTS = 8  # compare-and-swap retries of one task on one shard
 
 # =============================================================================== workers
 
-_local = threading.local()
+# (thread id, state root) -> (state.json identity, worker StateStore): one store per
+# executor thread, so that a task's commit() only ever sees its own shard.
+_stores: dict[tuple[int, str], tuple[tuple, object]] = {}
 _prepared_lock = threading.Lock()
 _prepared: "OrderedDict[str, tuple[object, int]]" = OrderedDict()  # hash -> (PreparedWarp, bytes)
+
+
+_counters = {"warps_read": 0}
 
 
 class _Changed(Exception):
@@ -78,18 +83,16 @@ def _worker_store(root: str):
     that a shard's accumulators stay in memory when its next task lands on the same worker."""
     from .state import StateStore
 
-    stores = getattr(_local, "stores", None)
-    if stores is None:
-        stores = _local.stores = {}
     st = os.stat(os.path.join(root, "state.json"))
     ident = (st.st_dev, st.st_ino, st.st_mtime_ns)  # a state re-created at the same path
-    cached = stores.get(root)
+    key = (threading.get_ident(), root)
+    cached = _stores.get(key)
     if cached is not None and cached[0] == ident:
         return cached[1]
     if cached is not None:
         cached[1].close()
     store = StateStore.open(root, write=True, shard_locking=True)
-    stores[root] = (ident, store)
+    _stores[key] = (ident, store)
     return store
 
 
@@ -103,7 +106,8 @@ def _fresh_shard(store, patch: PatchId, band: str):
         on_disk = int(manifest["commit"]) if manifest else 0
         if on_disk != cached.commit or cached.dirty or cached.pending_warps:
             del store.shards[key]
-    return store.shard(patch, band)
+            cached = None
+    return store.shard(patch, band), cached is not None
 
 
 def _prepared_warp(path: str, h: str, store, cache_bytes: int):
@@ -116,6 +120,7 @@ def _prepared_warp(path: str, h: str, store, cache_bytes: int):
         if hit is not None:
             _prepared.move_to_end(h)
             return hit[0]
+    _counters["warps_read"] += 1
     data = _read_bytes(path)
     if file_hash(data) != h:
         raise _Changed()
@@ -135,6 +140,17 @@ def _prepared_warp(path: str, h: str, store, cache_bytes: int):
                 _, (_, n) = _prepared.popitem(last=False)
                 total -= n
     return prepared
+
+
+def drop_worker_caches(root: str | None = None) -> None:
+    """Forget the prepared warps and the cached shards (of ``root``, or of every state) of
+    this worker process. Run on every worker with ``client.run`` at the end of an ingest
+    (no task of it is running then), so that a long-lived cluster does not keep the memory."""
+    with _prepared_lock:
+        _prepared.clear()
+    for (_, r), (_, store) in list(_stores.items()):
+        if root is None or r == root:
+            store.shards.clear()
 
 
 def _fold_one(store, shard, tract, path: str, h: str, cache_bytes: int) -> dict:
@@ -172,7 +188,7 @@ def _fold_one(store, shard, tract, path: str, h: str, cache_bytes: int) -> dict:
 
 
 def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]],
-                     cache_bytes: int = int(2e9), prepared_cache_bytes: int = int(1e9)) -> dict:
+                     cache_bytes: int = int(2e9), prepared_cache_bytes: int = int(5e8)) -> dict:
     """Dask task: fold ``warps`` ([(absolute path, sha256)], in order) into ONE shard of the
     state at ``root`` and commit it. Idempotent: a warp whose hash the shard manifest
     already lists is skipped (``present``). Returns ``{"shard", "results", "commit", ...}``
@@ -187,8 +203,9 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
     store.cache_bytes = cache_bytes
     tract = store.skymap.tract(tract_id)
     last: BaseException | None = None
+    read0 = _counters["warps_read"]
     for attempt in range(1, MAX_CONFLICT_ATTEMPTS + 1):
-        shard = _fresh_shard(store, patch, band)
+        shard, cached = _fresh_shard(store, patch, band)
         try:
             results = [_fold_one(store, shard, tract, p, h, prepared_cache_bytes)
                        for p, h in warps]
@@ -196,7 +213,8 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
                 store.commit()  # only this shard is dirty in this thread's store
             return {"shard": shard_key, "results": results, "commit": shard.commit,
                     "attempts": attempt, "pid": os.getpid(), "host": os.uname().nodename,
-                    "seconds": time.perf_counter() - t0}
+                    "seconds": time.perf_counter() - t0, "shard_cached": cached,
+                    "warps_read": _counters["warps_read"] - read0}
         except (ShardConflict, FileNotFoundError) as e:
             # Another writer committed the shard meanwhile (a second copy of this task, or
             # a superseded generation vanished while we read it): start again from disk.
@@ -260,6 +278,28 @@ def _probe(path: str, data: bytes, store) -> _Probe:
         return _Probe(warp.id, warp.band, warp.box)
 
 
+def _contributing_patches(tract, box: Box, fold) -> list[PatchId]:
+    """Patches with at least one cell the warp's pixel box *could* contribute to: the cell
+    centre inside the box and enough of the inner box covered (``cell_input``'s necessary
+    geometric conditions; whether the pixels there are valid is for the worker to see).
+    A warp always overlaps more patch *outer* boxes than it can feed; skipping the others
+    saves reading it on workers that would find nothing to fold."""
+    out = []
+    for patch in tract.patches_overlapping(box):
+        for cell in tract.cells_overlapping(patch, box):
+            cx, cy = tract.cell_centre(cell)
+            if not (box.x0 <= cx < box.x1 and box.y0 <= cy < box.y1):
+                continue
+            inner = tract.cell_inner_box(cell)
+            part = inner.intersection(box)
+            # same form as cell_input's test, with covered pixels <= part's area
+            if not part.empty and (part.width * part.height) / (inner.width * inner.height) \
+                    >= fold.min_overlap_fraction:
+                out.append(patch)
+                break
+    return out
+
+
 class DistributedIngestor:
     """The coordinator. Same contract as :class:`streamcoadd.ingest.Ingestor`
     (``submit``, ``commit``, ``needs_commit``, ``pending``), so the daemon can use either:
@@ -278,7 +318,7 @@ class DistributedIngestor:
 
     def __init__(self, store, run: RunConfig = RunConfig(), client=None, *,
                  batch: int | None = None, max_batch: int | None = None, retries: int = 3,
-                 prepared_cache_gb: float = 1.0):
+                 prepared_cache_gb: float = 0.5):
         if not store.write or store.shard_locking:
             raise ValueError("the coordinator needs the state opened by its single writer")
         if client is None:
@@ -299,12 +339,18 @@ class DistributedIngestor:
         self._busy: dict[ShardKey, object] = {}  # shard -> its one future in flight
         self._tasks: dict[object, tuple[ShardKey, list[str]]] = {}  # future -> (shard, hashes)
         self._ids: dict[ShardKey, dict[tuple[int, int], set[str]]] = {}  # manifest identities
+        self._home: dict[ShardKey, str] = {}  # shard -> worker that holds it in memory
+        self._load: dict[str, int] = {}  # worker -> warp-shard units sent, not finished
+        self._workers: list[str] = []
+        self._workers_at = -1e9
         self._ready: list[Outcome] = []
         self._first_pending_at: float | None = None
         self._flushing = False
         self.failed: list[Outcome] = []
+        # shard_cached: tasks that found their shard in the worker's memory (else its
+        # cells are read from disk); warps_read: warps read and prepared by workers
         self.stats = {"tasks": 0, "task_seconds": 0.0, "conflict_retries": 0, "present": 0,
-                      "workers": set()}
+                      "shard_cached": 0, "warps_read": 0, "workers": set()}
 
     # ------------------------------------------------------------------ Ingestor contract
     @property
@@ -390,7 +436,8 @@ class DistributedIngestor:
             if it.outcome.warp_id == wid and it.outcome.content_hash != h:
                 raise WarpRejected(path, f"{wid} is also in {it.outcome.path} with different content")
         tract = store.skymap.tract(wid.tract)
-        keys = [(pt.tract, pt.x, pt.y, p.band) for pt in tract.patches_overlapping(p.box)]
+        keys = [(pt.tract, pt.x, pt.y, p.band)
+                for pt in _contributing_patches(tract, p.box, store.fold)]
         for key in keys:
             other = self._manifest_ids(key).get((wid.visit, wid.detector), set()) - {h}
             if other:
@@ -434,13 +481,45 @@ class DistributedIngestor:
                 continue
             hashes, self._queues[key] = queue[:self.max_batch], queue[self.max_batch:]
             warps = [(self._items[h].abspath, h) for h in hashes]
+            worker = self._place(key, len(hashes))
             fut = self.client.submit(
                 fold_shard_batch, self.root, key, warps, self.cache_bytes,
                 self.prepared_cache_bytes, key=f"streamcoadd-fold-{key[0]}-{key[1]}-{key[2]}-"
                                                 f"{key[3]}-{uuid.uuid4().hex[:12]}",
-                pure=False, retries=self.retries)
+                pure=False, retries=self.retries,
+                workers=[worker] if worker else None, allow_other_workers=True)
             self._busy[key] = fut
-            self._tasks[fut] = (key, hashes)
+            self._tasks[fut] = (key, hashes, worker)
+
+    def _place(self, key: ShardKey, units: int) -> str | None:
+        """The worker for a shard task (a preference: if that worker is gone, Dask runs the
+        task elsewhere). A shard keeps a *home* worker, which holds its cells in memory
+        between tasks. The first home comes from a spatial split of the tract's patch grid
+        into one contiguous block per worker, so that a warp spanning neighbouring patches
+        is mostly read and prepared by one worker. A shard moves to the least loaded worker
+        when its home has more than two tasks' worth of work queued beyond that one (input
+        concentrated on part of the sky must not leave workers idle)."""
+        now = time.monotonic()
+        if now - self._workers_at > 2.0:
+            try:
+                self._workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+            except Exception:  # noqa: BLE001 - no placement then; Dask decides
+                self._workers = []
+            self._workers_at = now
+        if not self._workers:
+            return None
+        load = {w: self._load.get(w, 0) for w in self._workers}
+        least = min(load, key=lambda w: (load[w], w))
+        home = self._home.get(key)
+        if home not in load:
+            t, x, y, _ = key
+            nx, ny = self.store.skymap.tract(t).num_patches
+            home = self._workers[(x * ny + y) * len(self._workers) // (nx * ny)]
+        if load[home] > load[least] + 2 * max(units, self.batch):
+            home = least
+        self._home[key] = home
+        self._load[home] = load[home] + units
+        return home
 
     def _pump(self, block: bool) -> None:
         """Dispatch what can go, take in finished tasks, finalize complete warps."""
@@ -457,8 +536,10 @@ class DistributedIngestor:
         finished = [f for f in self._tasks if f.done()]
         complete: list[_Item] = []
         for fut in finished:
-            key, hashes = self._tasks.pop(fut)
+            key, hashes, worker = self._tasks.pop(fut)
             del self._busy[key]
+            if worker is not None:
+                self._load[worker] = self._load.get(worker, 0) - len(hashes)
             try:
                 res = fut.result()
             except Exception as e:  # noqa: BLE001 - the task failed for good
@@ -471,6 +552,8 @@ class DistributedIngestor:
                 self.stats["task_seconds"] += res["seconds"]
                 self.stats["conflict_retries"] += res["attempts"] - 1
                 self.stats["workers"].add((res["host"], res["pid"]))
+                self.stats["shard_cached"] += bool(res["shard_cached"])
+                self.stats["warps_read"] += res["warps_read"]
                 for r in res["results"]:
                     self._items[r["hash"]].results[key] = r
                     if r["status"] in ("folded", "present") and r["cells"]:
@@ -599,6 +682,10 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
         report(ing.commit())
         report(ing.take_failed())
         ingest_distributed.last_stats = ing.stats
+        try:
+            client.run(drop_worker_caches, ing.root)
+        except Exception:  # noqa: BLE001 - a worker just lost; its memory is gone anyway
+            pass
     finally:
         if own_store:
             store.close()
