@@ -383,6 +383,9 @@ class DistributedIngestor:
         try:
             while self._items:
                 self._pump(block=True)
+                if self._items and not self._tasks and not any(self._queues.values()):
+                    raise RuntimeError(f"{len(self._items)} pending warp(s) with no shard "
+                                       "task (a bug in the coordinator); they stay undone")
         finally:
             self._flushing = False
         return self.collect()
@@ -542,7 +545,9 @@ class DistributedIngestor:
                 self._load[worker] = self._load.get(worker, 0) - len(hashes)
             try:
                 res = fut.result()
-            except Exception as e:  # noqa: BLE001 - the task failed for good
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - failed for good, or cancelled
                 reason = f"shard task failed: {type(e).__name__}: {e}"
                 log.error("shard %s: %s", key, reason)
                 for h in hashes:
