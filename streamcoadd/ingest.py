@@ -14,6 +14,7 @@ from .config import RunConfig
 from .errors import WarpRejected
 from .fold import CellInput, cell_input, fold_cell, prepare_warp
 from .ledger import WarpRecord
+from .memory import retain_freed_memory
 from .state import Shard, StateStore
 from .warp import WarpId, _read_bytes, file_hash, read_warp
 
@@ -40,6 +41,7 @@ class Ingestor:
                  allow_refold: bool = False):
         if not store.write:
             raise ValueError("Ingestor needs a state opened for writing")
+        retain_freed_memory()
         self.store = store
         self.run = run
         self.allow_refold = allow_refold  # fold again warps that were retracted
