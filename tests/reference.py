@@ -311,3 +311,111 @@ def reference_coadd(paths, skymap: SkyMap, fold_config: FoldConfig = FoldConfig(
             psf_sum=psf_sum, psf_w=psf_w, noise_sums=noise_sums, interpolated=interpolated,
             mask_or=mask_or, rejected_weight=rejected, inputs=inputs, fallback=not good)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# helpers for the tests that compare the core with this reference
+
+ROOT = Path(__file__).resolve().parents[1]
+INTRP_BIT = 1 << CANONICAL_PLANES["INTRP"]
+INEXACT_BIT = 1 << CANONICAL_PLANES["INEXACT_PSF"]
+
+
+def run_cli(*args, check: int | None = 0, timeout: float = 120):
+    """Run ``python -m streamcoadd ARGS`` from the repo root; returns CompletedProcess.
+    ``check``: expected exit status (None: do not check)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("STREAMCOADD_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", "streamcoadd", *map(str, args)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    if check is not None and p.returncode != check:
+        raise AssertionError(f"streamcoadd {' '.join(map(str, args))} exited {p.returncode} "
+                             f"(expected {check})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def close_rel(a, b, rtol, what=""):
+    """Assert ``a`` ≈ ``b`` elementwise: |a-b| <= rtol * max(|b|, scale) with scale =
+    max |b| * 1e-3 (so values near zero are compared relative to the array's scale)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
+    if b.size == 0:
+        return
+    scale = np.max(np.abs(b)) * 1e-3 if np.isfinite(b).all() else 0.0
+    tol = rtol * np.maximum(np.abs(b), scale)
+    err = np.abs(a - b)
+    bad = ~(err <= tol)
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, err / np.maximum(tol, 1e-300), 0)), a.shape)
+        raise AssertionError(f"{what}: {int(bad.sum())} element(s) differ beyond rtol {rtol}; "
+                             f"worst at {i}: core {a[i]!r} vs reference {b[i]!r}")
+
+
+def compare_cell(core, ref: RefCell, fold_config: FoldConfig = FoldConfig(),
+                 sums_rtol: float = 1e-10, rtol: float = 1e-6) -> None:
+    """Compare one core cell (``State.cell``) with a :class:`RefCell` (see module doc)."""
+    name = f"{ref.cell} band {ref.band}"
+    assert core is not None, f"{name}: populated in the reference, empty in the core"
+    assert core.outer_box == ref.outer_box and core.inner_box == ref.inner_box, name
+    got = sorted((int(v), int(d)) for v, d in zip(core.contributors["visit"],
+                                                  core.contributors["detector"]))
+    assert got == ref.used, f"{name}: inputs {got} != reference {ref.used}"
+    assert core.n_inputs == len(ref.inputs)
+    # weights and fractions per contributor
+    byid = {(i.visit, i.detector): i for i in ref.inputs}
+    for row in core.contributors:
+        r = byid[(int(row["visit"]), int(row["detector"]))]
+        assert abs(row["weight"] - r.weight) <= 1e-12 * r.weight, f"{name}: weight"
+        assert abs(row["good_fraction"] - r.good_fraction) < 1e-12, f"{name}: good fraction"
+        assert bool(row["fallback"]) == r.fallback, f"{name}: fallback flag"
+    s = core.sums
+    has = ref.sum_w > 0
+    clean = has & ~ref.interpolated
+    close_rel(s["sum_w"], ref.sum_w, sums_rtol, f"{name} sum_w")
+    close_rel(s["sum_w_interp"], ref.sum_w_interp, sums_rtol, f"{name} sum_w_interp")
+    close_rel(s["sum_wI"][clean], ref.sum_wI[clean], sums_rtol, f"{name} sum_wI")
+    close_rel(s["sum_w2var"][clean], ref.sum_w2var[clean], sums_rtol, f"{name} sum_w2var")
+    close_rel(s["psf_sum"], ref.psf_sum, sums_rtol, f"{name} psf_sum")
+    close_rel(s["psf_w"], ref.psf_w, sums_rtol, f"{name} psf_w")
+    # finalized planes
+    close_rel(core.image[clean], ref.image[clean], rtol, f"{name} image")
+    close_rel(core.variance[clean], ref.variance[clean], rtol, f"{name} variance")
+    close_rel(core.psf, ref.psf, rtol, f"{name} psf")
+    for k, _ in enumerate(ref.noise_sums):
+        close_rel(core.noise[k][clean], ref.noise_image(k)[clean], rtol, f"{name} noise {k}")
+    # every valid pixel: finite image and positive finite variance (interpolation included)
+    assert np.isfinite(core.image[has]).all(), f"{name}: non-finite image where data"
+    assert (np.isfinite(core.variance[has]) & (core.variance[has] > 0)).all(), \
+        f"{name}: bad variance where data"
+    # mask
+    m = np.asarray(core.mask).astype(np.int64) & 0xFFFFFFFF
+    nod = (m & NO_DATA_BIT) != 0
+    assert np.array_equal(nod, ~has), f"{name}: NO_DATA != (no input has data)"
+    plain = ~(INTRP_BIT | INEXACT_BIT)
+    keep = 0xFFFFFFFF & ~(bits_of(fold_config.bad_planes) | bits_of(fold_config.drop_planes)
+                          | NO_DATA_BIT)
+    assert np.array_equal((m & keep & plain)[has], (ref.mask_or & plain)[has]), \
+        f"{name}: OR-ed mask bits differ"
+    want_intrp = ref.interpolated | ((ref.mask_or & INTRP_BIT) != 0)
+    assert np.array_equal(((m & INTRP_BIT) != 0)[has], want_intrp[has]), f"{name}: INTRP"
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(has, ref.sum_w_interp / ref.sum_w, 0)
+    want_inexact = (frac > fold_config.inexact_psf_threshold) | ((ref.mask_or & INEXACT_BIT) != 0)
+    assert np.array_equal(((m & INEXACT_BIT) != 0)[has], want_inexact[has]), f"{name}: INEXACT_PSF"
+    for plane in fold_config.bad_planes:
+        bit = bits_of([plane])
+        if plane in fold_config.propagate_thresholds:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                pf = np.where(has, ref.rejected_weight[plane] / ref.sum_w, 0)
+            want = pf > fold_config.propagate_thresholds[plane]
+            assert np.array_equal(((m & bit) != 0)[has], want[has]), f"{name}: {plane} propagation"
+        else:
+            assert not (m & bit).any(), f"{name}: bad plane {plane} leaked into the coadd mask"
+    for plane in fold_config.drop_planes:
+        assert not (m & bits_of([plane])).any(), f"{name}: dropped plane {plane} in the mask"

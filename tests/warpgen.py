@@ -295,6 +295,7 @@ def write_gen(path, tract: Tract, g: GenWarp, *, visit: int, detector: int, band
               afw_style: bool = False, mjd: float | None = 60000.0) -> Path:
     """Write a :class:`GenWarp` through ``write_warp`` (mask remapped if ``mask_planes``)."""
     mask = g.mask if mask_planes is None else canonical_to_planes(g.mask, mask_planes)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return write_warp(path, tract=tract, xy0=g.xy0, image=g.image, mask=mask,
                       variance=g.variance, psf=g.psf, psf_positions=g.psf_positions,
                       visit=visit, detector=detector, band=band, noise=g.noise, weight=weight,
