@@ -54,9 +54,18 @@ class PreparedWarp:
     or_mask: np.ndarray
     planes: dict[str, np.ndarray]
 
+    _moments: dict = field(default_factory=dict)
+
     @property
     def box(self) -> Box:
         return self.warp.box
+
+    def moments(self, centre: tuple[int, int], stamp: np.ndarray) -> tuple:
+        """PSF moments of the stamp used at ``centre``, computed once per distinct stamp."""
+        key = self.warp.psf.index_at(*centre)
+        if key not in self._moments:
+            self._moments[key] = psf_moments(stamp)
+        return self._moments[key]
 
 
 def warp_weight(warp: Warp, config: FoldConfig) -> float:
@@ -110,27 +119,29 @@ def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
     if not bad.any():
         return out
     good = valid & ~bad
-    rows = np.flatnonzero(bad.any(axis=1))
-    g = good[rows]
-    w = g.shape[1]
-    cols = np.arange(w)
-    left = np.maximum.accumulate(np.where(g, cols, -1), axis=1)
-    right = np.minimum.accumulate(np.where(g, cols, w)[:, ::-1], axis=1)[:, ::-1]
-    r_idx, xs = np.nonzero(bad[rows])
-    ys = rows[r_idx]
-    lx, rx = left[r_idx, xs], right[r_idx, xs]
-    has_l, has_r = lx >= 0, rx < w
+    w = good.shape[1]
+    good_flat = np.flatnonzero(good)
+    bad_flat = np.flatnonzero(bad)
+    ys, xs = np.divmod(bad_flat, w)
+    nxt = np.searchsorted(good_flat, bad_flat)  # first good pixel after each bad one
+    has_l = nxt > 0
+    has_r = nxt < good_flat.size
+    lflat = good_flat[np.maximum(nxt - 1, 0)] if good_flat.size else bad_flat
+    rflat = good_flat[np.minimum(nxt, good_flat.size - 1)] if good_flat.size else bad_flat
+    has_l &= lflat // w == ys  # the neighbour must be on the same row
+    has_r &= rflat // w == ys
+    lx, rx = lflat % w, rflat % w
     lxc, rxc = np.where(has_l, lx, rx), np.where(has_r, rx, lx)
     frac = np.where(has_l & has_r, (xs - lxc) / np.maximum(rxc - lxc, 1), 0.0)
+    src_y = ys.copy()
     orphan = ~(has_l | has_r)
     if orphan.any():
+        if not good_flat.size:
+            return out  # nothing to interpolate from: the bad pixels keep their values
         _, (ny, nx) = ndimage.distance_transform_edt(~good, return_indices=True)
         oy, ox = ys[orphan], xs[orphan]
         lxc[orphan] = rxc[orphan] = nx[oy, ox]
-        src_y = ys.copy()
         src_y[orphan] = ny[oy, ox]
-    else:
-        src_y = ys
     for o in out:
         lv = o[src_y, lxc].astype(np.float64)
         rv = o[src_y, rxc].astype(np.float64)
@@ -178,6 +189,7 @@ class CellSums:
     psf_sum: np.ndarray
     psf_w: float = 0.0
     planes: dict[str, np.ndarray] = field(default_factory=dict)
+    bit_counts: dict[int, np.ndarray] = field(default_factory=dict)  # bit -> int32 count
     contributors: list[Contributor] = field(default_factory=list)
 
     @classmethod
@@ -191,7 +203,7 @@ class CellSums:
     @property
     def nbytes(self) -> int:
         arrays = [self.sum_w, self.sum_wI, self.sum_w2var, self.sum_w_interp, self.mask_or,
-                  self.noise, self.psf_sum, *self.planes.values()]
+                  self.noise, self.psf_sum, *self.planes.values(), *self.bit_counts.values()]
         return sum(a.nbytes for a in arrays)
 
 
@@ -281,7 +293,7 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
     stamp = resize_stamp(pw.warp.psf.at(*cin.centre), config.psf_size)
     sums.psf_sum += w * stamp
     sums.psf_w += float(w)
-    ixx, iyy, ixy, flag = psf_moments(stamp)
+    ixx, iyy, ixy, flag = pw.moments(cin.centre, stamp)
     wp = pw.warp
     sums.contributors.append(Contributor(
         visit=wp.id.visit, detector=wp.id.detector, weight=float(w),
@@ -322,4 +334,14 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box) -> None:
             if arr is None:
                 arr = sums.planes[name] = np.zeros(outer.shape, np.float64)
             arr[cs] += p * w
-    sums.mask_or[cs] |= pw.or_mask[ws]
+    or_mask = pw.or_mask[ws]
+    bits = int(np.bitwise_or.reduce(or_mask, axis=None))
+    if bits:
+        # Per-bit input counts make the OR reversible (retraction) and order independent.
+        sums.mask_or[cs] |= or_mask
+        for bit in range(32):
+            if bits >> bit & 1:
+                cnt = sums.bit_counts.get(bit)
+                if cnt is None:
+                    cnt = sums.bit_counts[bit] = np.zeros(outer.shape, np.int32)
+                cnt[cs] += (or_mask >> bit) & 1

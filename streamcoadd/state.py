@@ -45,6 +45,10 @@ class StateLocked(UserError):
     """Another process holds the state's writer lock."""
 
 
+class ShardConflict(RuntimeError):
+    """Another writer committed the shard since it was loaded (shard-locking mode)."""
+
+
 @dataclass
 class Shard:
     """One (patch, band): its committed manifest and the cells held in memory."""
@@ -79,17 +83,20 @@ class StateStore:
     """A state directory opened for reading, or for writing by exactly one process."""
 
     def __init__(self, root: Path, skymap: SkyMap, fold: FoldConfig, meta: dict,
-                 write: bool):
+                 write: bool, shard_locking: bool = False):
         self.root = root
         self.skymap = skymap
         self.fold = fold
         self.meta = meta
         self.write = write
+        # shard_locking: a worker of a distributed run. No state lock and no ledger
+        # writes; each shard commit happens under the shard's own lock, compare-and-swap.
+        self.shard_locking = shard_locking
         self._lock_fd = None
         self.shards: dict[tuple[PatchId, str], Shard] = {}
-        if write:
+        if write and not shard_locking:
             self._take_lock()
-        self.ledger = Ledger(root / "ledger.sqlite", write=write)
+        self.ledger = Ledger(root / "ledger.sqlite", write=write and not shard_locking)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -110,7 +117,8 @@ class StateStore:
         return root
 
     @classmethod
-    def open(cls, root: str | Path, write: bool = False) -> "StateStore":
+    def open(cls, root: str | Path, write: bool = False,
+             shard_locking: bool = False) -> "StateStore":
         root = Path(root)
         try:
             meta = json.loads((root / "state.json").read_text())
@@ -126,8 +134,8 @@ class StateStore:
                              f"supported by this streamcoadd (needs {STATE_VERSION})")
         skymap = skymap_from_dict(meta["skymap"], f"{root}/state.json")
         fold = FoldConfig.from_dict(meta["fold"])
-        store = cls(root, skymap, fold, meta, write)
-        if write:
+        store = cls(root, skymap, fold, meta, write, shard_locking)
+        if write and not shard_locking:
             store.recover()
         return store
 
@@ -220,18 +228,23 @@ class StateStore:
             tmp.unlink()
             removed.append(tmp)
         for patch, band in self.shard_keys():
-            d = self.shard_dir(patch, band)
-            manifest = self.read_manifest(patch, band) or {"cells": {}}
-            live = {f"c{k}.g{g}.h5" for k, g in manifest["cells"].items()}
-            for f in d.glob("c*.h5"):
-                if f.name not in live:
-                    f.unlink()
-                    removed.append(f)
+            removed += self._recover_shard(patch, band)
         for d in (self.root / "shards").glob("t*/p*/*"):
             if d.is_dir() and not (d / "manifest.json").exists():
                 for f in d.glob("c*.h5"):
                     f.unlink()
                     removed.append(f)
+        return removed
+
+    def _recover_shard(self, patch: PatchId, band: str) -> list[Path]:
+        d = self.shard_dir(patch, band)
+        manifest = self.read_manifest(patch, band) or {"cells": {}}
+        live = {f"c{k}.g{g}.h5" for k, g in manifest["cells"].items()}
+        removed = []
+        for f in [*d.glob("c*.h5"), *d.glob("*.tmp")]:
+            if f.name not in live:
+                f.unlink()
+                removed.append(f)
         return removed
 
     def shard(self, patch: PatchId, band: str) -> Shard:
@@ -286,6 +299,23 @@ class StateStore:
     def _commit_shard(self, shard: Shard) -> None:
         d = shard.directory
         d.mkdir(parents=True, exist_ok=True)
+        if not self.shard_locking:
+            return self._write_shard(shard)
+        fd = os.open(d / "shard.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            manifest = self.read_manifest(shard.patch, shard.band)
+            on_disk = int(manifest["commit"]) if manifest else 0
+            if on_disk != shard.commit:
+                raise ShardConflict(f"{shard.patch} band {shard.band}: committed by another "
+                                    f"writer (commit {on_disk}, expected {shard.commit})")
+            self._recover_shard(shard.patch, shard.band)
+            self._write_shard(shard)
+        finally:
+            os.close(fd)
+
+    def _write_shard(self, shard: Shard) -> None:
+        d = shard.directory
         gen = shard.commit + 1
         tract = self.skymap.tract(shard.patch.tract)
         old = {}
