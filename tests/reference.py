@@ -135,9 +135,12 @@ class RefCell:
 
 
 class Reference(dict):
-    """``{(CellId, band): RefCell}`` plus ``.warps`` (the RefWarp of every distinct input)."""
+    """``{(CellId, band): RefCell}`` plus ``.warps`` (the RefWarp of every distinct input) and
+    ``.candidates``: ``{(CellId, band): [(visit, detector), ...]}`` of every input that
+    passed the overlap rule (used or not: fallback inputs of a cell with good inputs)."""
 
     warps: list
+    candidates: dict
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +268,8 @@ def reference_coadd(paths, skymap: SkyMap, fold_config: FoldConfig = FoldConfig(
 
     result = Reference()
     result.warps = list(warps.values())
+    result.candidates = {k: sorted((w.visit, w.detector) for w, _, _ in v)
+                         for k, v in candidates.items()}
     for (cell, band), cands in candidates.items():
         tract = skymap.tract(cell.patch.tract)
         good = [c for c in cands if not c[2]]

@@ -192,7 +192,7 @@ def generate(tract: Tract, *, xy0: tuple[int, int], shape: tuple[int, int], seed
 
     # --- sources, convolved with the (local) PSF width
     model = np.full((h, w), sky, np.float64)
-    n_sources = int(rng.integers(5, 5 + h * w // 1500)) if n_sources is None else n_sources
+    n_sources = int(rng.integers(5, 6 + h * w // 1500)) if n_sources is None else n_sources
     xs = rng.uniform(box.x0 - 5, box.x1 + 5, n_sources)
     ys = rng.uniform(box.y0 - 5, box.y1 + 5, n_sources)
     fluxes = noise_sigma * 40 * rng.pareto(1.5, n_sources) + noise_sigma * 20
