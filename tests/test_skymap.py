@@ -183,7 +183,7 @@ def test_tract_wcs(lsst):
     assert abs(x + 200) < 1e-6 and abs(y + 150) < 1e-6
 
 
-def test_cells_inside_and_patches_overlapping_brute_force(demo):
+def test_cells_and_patches_overlapping_brute_force(demo):
     t = demo.tract(0)
     rng = np.random.default_rng(5)
     g = demo.cells
@@ -195,14 +195,15 @@ def test_cells_inside_and_patches_overlapping_brute_force(demo):
         want_p = [p for p in t.patches() if t.patch_outer_box(p).overlaps(box)]
         assert t.patches_overlapping(box) == want_p
         for p in t.patches():
-            want = [c for c in t.cells_of(p) if box.contains(t.cell_inner_box(c))]
-            assert sorted(t.cells_inside(p, box)) == sorted(want), (box, p)
-    # exact fit and one pixel short
+            want = [c for c in t.cells_of(p) if box.overlaps(t.cell_inner_box(c))]
+            assert sorted(t.cells_overlapping(p, box)) == sorted(want), (box, p)
+    # a one-pixel box at a cell's inner corners, and just outside it
     c = CellId(PatchId(0, 0, 0), 3, 2)
     ib = t.cell_inner_box(c)
-    assert c in t.cells_inside(c.patch, ib)
-    for short in (Box(ib.x0 + 1, ib.y0, ib.x1, ib.y1), Box(ib.x0, ib.y0, ib.x1, ib.y1 - 1)):
-        assert c not in t.cells_inside(c.patch, short)
+    for x, y in ((ib.x0, ib.y0), (ib.x1 - 1, ib.y1 - 1)):
+        assert c in t.cells_overlapping(c.patch, Box(x, y, x + 1, y + 1))
+    for x, y in ((ib.x0 - 1, ib.y0), (ib.x1, ib.y1 - 1)):
+        assert c not in t.cells_overlapping(c.patch, Box(x, y, x + 1, y + 1))
 
 
 def test_box_semantics():
