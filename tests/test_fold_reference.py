@@ -26,7 +26,7 @@ import streamcoadd  # noqa: E402
 from streamcoadd.config import FoldConfig  # noqa: E402
 from streamcoadd.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
 
-from reference import (compare_cell, fit_stamp, read_warp_raw, reference_coadd,  # noqa: E402
+from reference import (_cut, compare_cell, fit_stamp, read_warp_raw, reference_coadd,  # noqa: E402
                        run_cli)
 from warpgen import (BIT, BROKEN_CASES, gaussian_stamp, generate, make_warp,  # noqa: E402
                      stack_warp_set, write_broken, write_gen)
@@ -451,3 +451,76 @@ def test_finalize_nothing_populated_fails(tmp_path):
     p = run_cli("finalize", st, "--out", tmp_path / "out", check=None)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and p.stderr.strip()
+
+
+def test_bad_pixel_values_never_leak(tmp_path):
+    """Whatever the interpolation method, a constant image stays constant: garbage (NaN,
+    huge values) under bad planes must not reach the coadd, and every input keeps its full
+    weight at every pixel (sum_w constant over the covered area)."""
+    paths = []
+    for k in range(2):
+        g = generate(TRACT, xy0=(-60 + 7 * k, -60 + 3 * k), shape=(200, 190), seed=50 + k,
+                     defects=True, nan_in_bad=True, coverage="full")
+        badmask = (g.mask & (BIT["BAD"] | BIT["SAT"] | BIT["CR"] | BIT["SUSPECT"])) != 0
+        assert badmask.sum() > 20
+        g.image[:] = 5.0
+        g.image[badmask] = np.where(np.arange(badmask.sum()) % 2, np.nan, 1e6)
+        g.variance[:] = 2.0
+        g.variance[badmask] = 1e9
+        paths.append(write_gen(tmp_path / "w" / f"c{k}.fits", TRACT, g, visit=60 + k,
+                               detector=0))
+    st = new_state(tmp_path)
+    ingest(st, tmp_path / "w")
+    ref = reference_coadd(paths, SKYMAP)
+    assert any(rc.interpolated.any() for rc in ref.values())
+    with streamcoadd.open_state(st) as s:
+        for (cid, band), rc in ref.items():
+            c = s.cell(cid, band)
+            has = rc.sum_w > 0
+            np.testing.assert_allclose(c.image[has], 5.0, rtol=1e-6)
+            # var = 2 * sum(w^2) / sum(w)^2 over the inputs with data at the pixel, the bad
+            # ones included (they count at full weight after interpolation)
+            w2 = np.zeros(rc.outer_box.shape)
+            for inp in rc.inputs:
+                rw = next(w for w in ref.warps if (w.visit, w.detector) == (inp.visit, inp.detector))
+                valid = _cut(rw, (rw.mask & BIT["NO_DATA"]) == 0, rc.outer_box, False)
+                w2 += inp.weight ** 2 * valid
+            np.testing.assert_allclose(c.variance[has], 2.0 * w2[has] / rc.sum_w[has] ** 2,
+                                       rtol=1e-6)
+            compare_cell(c, rc)
+
+
+def test_warp_without_good_pixels_rejected(tmp_path):
+    """No WEIGHT keyword and no good pixel to compute one from: rejected with a reason."""
+    g = generate(TRACT, xy0=(0, 0), shape=(120, 120), seed=3, defects=False)
+    g.mask[g.valid()] |= BIT["BAD"]
+    p = write_gen(tmp_path / "allbad.fits", TRACT, g, visit=1, detector=1)
+    st = new_state(tmp_path)
+    out = ingest(st, p, check=1)
+    assert "allbad.fits" in out.stdout and re.search("weight", out.stdout, re.I), out.stdout
+    with streamcoadd.open_state(st) as s:
+        assert s.bands() == []
+
+
+def test_lsst_sized_skymap(tmp_path):
+    """The LSST geometry (150 px cells, 50 px border, patch border 200 px): two 520 px warps
+    around the tract origin, in patch 0's border cells (negative tract pixels)."""
+    sm_file = ROOT / "config" / "skymap-lsst.toml"
+    sm = load_skymap(sm_file)
+    tract = next(iter(sm.tracts.values()))
+    paths = [make_warp(tmp_path / "w" / f"l{k}.fits", tract, visit=70 + k, detector=k,
+                       xy0=(-200 + 11 * k, -190 + 5 * k), shape=(520, 530),
+                       coverage=("full", "rotated")[k], psf="grid", psf_grid=(2, 2),
+                       psf_shape=(41, 41))
+             for k in range(2)]
+    st = tmp_path / "lsst-state"
+    run_cli("init", st, "--skymap", sm_file)
+    ingest(st, tmp_path / "w")
+    ref = reference_coadd(paths, sm)
+    assert (CellId(PatchId(tract.id, 0, 0), 0, 0), "r") in ref
+    with streamcoadd.open_state(st) as s:
+        assert sorted(s.populated_cells("r")) == sorted(c for (c, _) in ref)
+        for (cid, band), rc in ref.items():
+            c = s.cell(cid, band)
+            assert c.image.shape == (250, 250)
+            compare_cell(c, rc)
