@@ -24,8 +24,9 @@ Model (all on the tract pixel grid, 0-based pixel centres, arcsec via the tract 
 * **Footprint**: each visit is a rotated (±4°), dithered focal plane of ``detectors`` rectangular
   detectors with gaps; a warp is the bounding box of one detector's footprint, pixels outside it
   are ``NO_DATA`` (image NaN, variance inf), so some cells are only partly covered.
-* **Noise**: Gaussian sky noise, sigma per visit in [1, 2] x 20 nJy (x 0.01 with ``high_snr``),
-  variance plane = sigma^2 (weights differ by up to 4x).
+* **Noise**: Gaussian sky noise, sigma per visit (1 + frac(0.618 v)) x 20 nJy, a low-discrepancy
+  sequence in [1, 2) so that any two visits already differ by 1.6x (weights by 2.6x, up to 4x);
+  x 0.01 with ``high_snr``; variance plane = sigma^2.
 * **Defects** (``defects=True``): bad columns (``BAD``), cosmic-ray tracks (``CR``), saturated
   cores with bleed trails along columns (``SAT``, bright stars), non-linear patches
   (``SUSPECT``), and in every second visit one region masking 75-100 % of a cell's inner box
@@ -198,7 +199,7 @@ def plan_visit(rng, v: int, region: Box) -> dict:
         "beta": rng.uniform(2.5, 4.5),
         "e1": e * math.cos(2 * phi), "e2": e * math.sin(2 * phi),
         "grad": rng.uniform(-0.05, 0.05, 6),  # d(fwhm)/fwhm, de1, de2 per unit field (x, y)
-        "sigma_factor": rng.uniform(1.0, 2.0),
+        "sigma_factor": 1.0 + (v * 0.6180339887) % 1.0,  # spread in [1, 2) for any n visits
         "sat_level": SAT_LEVEL * rng.uniform(0.8, 1.2),
         "dither": rng.uniform(-0.12, 0.12, 2) * (region.width, region.height),
         "rotation": rng.uniform(-4.0, 4.0),  # deg
