@@ -214,7 +214,8 @@ class VisitPsf:
                  pixel_scale: float):
         self.gs, self.plan, self.region, self.lattice = galsim, plan, region, lattice
         self.grid, self.scale = grid, pixel_scale
-        self._cache: dict = {}
+        self._cache: dict = {}  # key -> GalSim profile
+        self._stamps: dict = {}  # key -> (stamp, raw sum)
 
     def params_at(self, x: float, y: float) -> tuple[float, float, float]:
         """(FWHM arcsec, e1, e2) of the smooth field model at tract pixel (x, y)."""
@@ -253,10 +254,22 @@ class VisitPsf:
         return self._cache[key]
 
     def stamp(self, key) -> np.ndarray:
-        """The pixel-convolved PSF, (41, 41) float64, centred on the central pixel, sum 1."""
-        img = self.obj(key).drawImage(nx=PSF_STAMP, ny=PSF_STAMP, scale=self.scale,
-                                      method="auto", dtype=np.float64).array
-        return img / img.sum()
+        """The pixel-convolved PSF, (41, 41) float64, centred on the central pixel, sum 1.
+
+        The profile's flux outside the stamp (up to 2 % for wide Moffat wings) is dropped and
+        the stamp renormalised; stars are drawn with the same factor (:meth:`flux_scale`), so
+        a star of flux F is F x this stamp, and the weights of the visits in a coadd PSF are
+        the same as in the coadd of the stars."""
+        if key not in self._stamps:
+            img = self.obj(key).drawImage(nx=PSF_STAMP, ny=PSF_STAMP, scale=self.scale,
+                                          method="auto", dtype=np.float64).array
+            self._stamps[key] = (img / img.sum(), float(img.sum()))
+        return self._stamps[key][0]
+
+    def flux_scale(self, key) -> float:
+        """1 / (fraction of the profile's flux inside the 41x41 stamp)."""
+        self.stamp(key)
+        return 1.0 / self._stamps[key][1]
 
     def for_box(self, box: Box):
         """``(stamps (n, 41, 41), positions (n, 2) or None)`` for a warp covering ``box``:
@@ -275,16 +288,18 @@ def render(galsim, scene: Table, psf: VisitPsf, region: Box) -> np.ndarray:
     """Noiseless image of ``scene`` over ``region`` (float64, nJy per pixel, shape region.shape).
 
     Each source is drawn with the PSF of its cell at its sub-pixel position (``offset`` from the
-    nearest pixel centre), so a star is exactly ``flux`` x the PSF stamp, shifted.
+    nearest pixel centre), so a star is exactly ``flux`` x the PSF stamp, shifted (within the
+    41x41 stamp; bright stars are drawn on 121x121 to show their wings).
     """
     img = np.zeros(region.shape)
     scale = psf.scale
     for row in scene:
         x, y = float(row["x"]), float(row["y"])
         ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
-        p = psf.obj(psf.key(x, y))
+        key = psf.key(x, y)
+        p = psf.obj(key)
         if row["type"] == "star":
-            prof = p.withFlux(float(row["flux"]))
+            prof = p.withFlux(float(row["flux"]) * psf.flux_scale(key))
             half = 20 if row["mag"] > 17 else 60
         else:
             gal = galsim.Sersic(n=float(row["sersic_n"]), half_light_radius=float(row["hlr_arcsec"]),
