@@ -80,6 +80,15 @@ def test_near_masked_pixels(run):
         assert np.nanmedian(np.abs(far[f"dT_{k}"])) <= LIMIT
 
 
+def test_warp_edges_do_not_reach_the_cell_coadd(run):
+    """Stars crossed by a warp's data boundary: the overlap rule keeps that warp out of the
+    cell, so the cell coadd still matches; a classic per-pixel coadd of every warp does not."""
+    d, t, s = run
+    assert s["n_edge"] >= 20
+    assert s["edge_ours_dT"] <= LIMIT and s["edge_ours_de1"] <= LIMIT
+    assert s["edge_all_dT"] > 10 * s["edge_ours_dT"], s
+
+
 def test_finalized_cells_file_matches_the_reader(run):
     d, t, s = run
     path = d / "out" / "coadd_t0_p0-0_r_cells.fits"
