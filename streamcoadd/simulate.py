@@ -430,7 +430,7 @@ def simulate(outdir, skymap=None, visits: int = 6, seed: int = 0, band: str = "r
     t_start = time.perf_counter()
     galsim = _galsim()
     if int(visits) < 1 or int(detectors) < 1 or int(noise_realizations) < 0:
-        raise UserError("simulate: visits and detectors must be >= 1, noise realizations >= 0")
+        raise UserError("visits and detectors must be >= 1, noise realizations >= 0")
     sm = _as_skymap(skymap)
     tr = sm.tract(sorted(sm.tracts)[0] if tract is None else int(tract))
     outdir = Path(outdir)
