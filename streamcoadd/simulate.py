@@ -125,7 +125,7 @@ def _region(tract: Tract, patches) -> Box:
         patches = [p if isinstance(p, PatchId) else PatchId(tract.id, *p) for p in patches]
         missing = [str(p) for p in patches if p not in known]
         if missing:
-            raise UserError(f"simulate: {', '.join(missing)} not in tract {tract.id}")
+            raise UserError(f"{', '.join(missing)} not in tract {tract.id}")
     return _union([tract.patch_outer_box(p) for p in patches])
 
 
