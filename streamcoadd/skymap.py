@@ -14,13 +14,11 @@ Identifiers and boxes are frozen dataclasses so indices never travel as loose tu
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 from astropy.wcs import WCS
 
 from .errors import UserError
@@ -189,15 +187,13 @@ class Tract:
         """Patches whose outer box overlaps ``box``."""
         return [p for p in self.patches() if self.patch_outer_box(p).overlaps(box)]
 
-    def cells_inside(self, patch: PatchId, box: Box) -> list[CellId]:
-        """Cells of ``patch`` whose inner box lies entirely inside ``box``."""
+    def cells_overlapping(self, patch: PatchId, box: Box) -> list[CellId]:
+        """Cells of ``patch`` whose inner box overlaps ``box``."""
         g = self.cells
         ox, oy = self.cell_grid_origin(patch)
         n = g.cells_per_patch
-        xs = range(max(0, math.ceil((box.x0 - ox) / g.inner)),
-                   min(n, (box.x1 - ox) // g.inner))
-        ys = range(max(0, math.ceil((box.y0 - oy) / g.inner)),
-                   min(n, (box.y1 - oy) // g.inner))
+        xs = range(max(0, (box.x0 - ox) // g.inner), min(n, -(-(box.x1 - ox) // g.inner)))
+        ys = range(max(0, (box.y0 - oy) // g.inner), min(n, -(-(box.y1 - oy) // g.inner)))
         return [CellId(patch, x, y) for y in ys for x in xs]
 
 
@@ -287,8 +283,3 @@ def load_skymap(path: str | Path) -> SkyMap:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     return skymap_from_dict(d, str(path))
-
-
-def tract_pixel_grid(box: Box) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates ``(x, y)`` of ``box``, each of shape ``box.shape``."""
-    return np.meshgrid(np.arange(box.x0, box.x1), np.arange(box.y0, box.y1))

@@ -1,0 +1,302 @@
+"""The ``streamcoadd`` command line. No science here: it parses, calls, and reports.
+
+User mistakes (``UserError``) print one line and exit 2; nothing prints a traceback
+unless ``STREAMCOADD_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import FoldConfig, RunConfig, load_toml
+from .errors import NoWorkFound, UserError
+from .skymap import CellId, PatchId, load_skymap
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "streamcoadd.toml"
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y (two integers), got {text!r}") from None
+    return x, y
+
+
+def _site_config(path: str | None) -> dict:
+    """The [fold]/[run]/[daemon] settings: --config FILE, else config/streamcoadd.toml
+    of this checkout if present, else built-in defaults."""
+    if path:
+        return load_toml(path)
+    return load_toml(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else {}
+
+
+def run_config(args) -> RunConfig:
+    d = dict(_site_config(getattr(args, "config", None)).get("run", {}))
+    for key in ("commit_every", "commit_interval", "cache_gb"):
+        v = getattr(args, key, None)
+        if v is not None:
+            d[key] = v
+    return RunConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------- init
+def cmd_init(args) -> int:
+    from .state import StateStore
+
+    skymap = load_skymap(args.skymap)
+    fold = FoldConfig.from_dict(_site_config(args.config).get("fold", {}))
+    StateStore.create(args.state, skymap, fold)
+    ntr = len(skymap.tracts)
+    print(f"created state {args.state} (skymap {skymap.name!r}, {ntr} tract(s), "
+          f"{skymap.cells.cells_per_patch}x{skymap.cells.cells_per_patch} cells per patch)")
+    return 0
+
+
+# ---------------------------------------------------------------------- ingest
+def warp_files(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.name.endswith(".fits") and f.is_file())
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    if not out:
+        raise NoWorkFound(f"no *.fits files found in {' '.join(paths)}")
+    return out
+
+
+def _progress(total: int, quiet: bool):
+    try:
+        if quiet:
+            raise ImportError
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="warp", file=sys.stderr, dynamic_ncols=True)
+    except ImportError:
+        class _Plain:
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
+        return _Plain()
+
+
+def cmd_ingest(args) -> int:
+    from .ingest import Ingestor
+    from .state import StateStore
+
+    files = warp_files(args.paths)
+    counts = {"folded": 0, "no_cells": 0, "duplicate": 0, "rejected": 0}
+    rejected = []
+    t0 = time.perf_counter()
+    with StateStore.open(args.state, write=True) as store:
+        ing = Ingestor(store, run_config(args))
+        bar = _progress(len(files), args.quiet)
+        try:
+            for f in files:
+                o = ing.submit(f)
+                if o.status in ("duplicate", "rejected"):
+                    counts[o.status] += 1
+                if o.status == "rejected":
+                    rejected.append(o)
+                bar.update(1)
+                bar.set_postfix_str(f"{f.name}: {o.status}")
+                if ing.needs_commit():
+                    for d in ing.commit():
+                        counts[d.status] += 1
+            for d in ing.commit():
+                counts[d.status] += 1
+        finally:
+            bar.close()
+    dt = time.perf_counter() - t0
+    print(f"{len(files)} file(s) in {dt:.1f} s: {counts['folded']} folded, "
+          f"{counts['no_cells']} valid but covering no cell, {counts['duplicate']} already "
+          f"present, {counts['rejected']} rejected")
+    for o in rejected:
+        print(f"  rejected {o.path}: {o.reason}")
+    return 1 if rejected else 0
+
+
+# ---------------------------------------------------------------------- finalize
+def cmd_finalize(args) -> int:
+    from .finalize import file_stem, write_cells_fits, write_stitched_fits
+    from .reader import open_state
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_state(args.state) as st:
+        bands = [args.band] if args.band else st.bands()
+        written = 0
+        for band in bands:
+            for patch in st.patches(band):
+                if args.tract is not None and patch.tract != args.tract:
+                    continue
+                if args.patch and (patch.x, patch.y) != tuple(args.patch):
+                    continue
+                cells = st.populated_cells(band, patch)
+                if args.cell:
+                    cells = [c for c in cells if (c.x, c.y) == tuple(args.cell)]
+                coadds = [c for c in (st.cell(cid, band) for cid in cells) if c is not None]
+                if not coadds:
+                    continue
+                tract = st.skymap.tract(patch.tract)
+                stem = out / file_stem(patch, band)
+                write_cells_fits(f"{stem}_cells.fits", patch, band, tract, coadds,
+                                 st.skymap.name, st.fold)
+                if not args.cell:
+                    write_stitched_fits(f"{stem}_stitched.fits", patch, band, tract, coadds)
+                print(f"{patch} band {band}: {len(coadds)} cell(s) -> {stem.name}_*.fits")
+                written += len(coadds)
+    if not written:
+        raise NoWorkFound("no populated cell matches the selection; nothing finalized "
+                          "(ingest warps first, or check --tract/--patch/--cell/--band)")
+    return 0
+
+
+# ---------------------------------------------------------------------- status
+def status_report(st) -> dict:
+    import numpy as np
+
+    ledger = st.store.ledger
+    warps = ledger.warps()
+    by_status = {}
+    for w in warps:
+        by_status[w.status] = by_status.get(w.status, 0) + 1
+    shards = []
+    for patch, band in st.store.shard_keys():
+        m = st.store.read_manifest(patch, band) or {"cells": {}, "warps": {}}
+        shards.append({"tract": patch.tract, "patch": [patch.x, patch.y], "band": band,
+                       "cells_populated": len(m["cells"]), "warps": len(m["warps"]),
+                       "commits": m.get("commit", 0), "updated": m.get("updated")})
+    depth = [s["warps"] for s in shards]
+    daemon = None
+    status_file = st.root / "daemon-status.json"
+    if status_file.exists():
+        try:
+            daemon = json.loads(status_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            daemon = {"error": "status file unreadable"}
+    last = max((w.at for w in warps), default=None)
+    return {"state": str(st.root), "skymap": st.skymap.name, "warps": by_status,
+            "rejected": len(ledger.rejections()), "last_activity": last,
+            "shards": shards, "max_warps_per_shard": int(np.max(depth)) if depth else 0,
+            "daemon": daemon, "events": [list(e) for e in ledger.events()[-20:]]}
+
+
+def _ago(t) -> str:
+    if t is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def cmd_status(args) -> int:
+    from .reader import open_state
+
+    with open_state(args.state) as st:
+        rep = status_report(st)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    w = rep["warps"]
+    print(f"state {rep['state']}  skymap {rep['skymap']}")
+    print(f"warps: {w.get('folded', 0)} folded, {w.get('no_cells', 0)} covering no cell, "
+          f"{w.get('retracted', 0)} retracted; {rep['rejected']} rejection(s) logged; "
+          f"last activity {_ago(rep['last_activity'])}")
+    if rep["shards"]:
+        print(f"{'tract':>6} {'patch':>7} {'band':>5} {'cells':>6} {'warps':>6} {'commits':>8}  updated")
+        for s in rep["shards"]:
+            print(f"{s['tract']:>6} {s['patch'][0]:>3},{s['patch'][1]:<3} {s['band']:>5} "
+                  f"{s['cells_populated']:>6} {s['warps']:>6} {s['commits']:>8}  {_ago(s['updated'])}")
+    else:
+        print("no cell populated yet")
+    d = rep["daemon"]
+    if d:
+        print("daemon: " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list))))
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamcoadd", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version="streamcoadd 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a state from a skymap")
+    s.add_argument("state")
+    s.add_argument("--skymap", required=True, help="skymap TOML (see config/)")
+    s.add_argument("--config", help="settings TOML whose [fold] table fixes the fold rules")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("ingest", help="fold warp files into a state now")
+    s.add_argument("state")
+    s.add_argument("paths", nargs="+", help="warp files or directories of *.fits")
+    s.add_argument("--config", help="settings TOML ([run] table)")
+    s.add_argument("--commit-every", type=int, dest="commit_every",
+                   help="warps folded in memory per durable commit")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("finalize", help="write coadd FITS files from the state")
+    s.add_argument("state")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tract", type=int)
+    s.add_argument("--patch", type=_pair, help="X,Y")
+    s.add_argument("--cell", type=_pair, help="X,Y (one cell; with --patch)")
+    s.add_argument("--band")
+    s.set_defaults(func=cmd_finalize)
+
+    s = sub.add_parser("status", help="what is folded, per patch and band")
+    s.add_argument("state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    for name in ("simulate", "daemon", "tools"):
+        try:
+            mod = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
+            continue
+        mod.register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cell", None) and not getattr(args, "patch", None):
+        print("streamcoadd: error: --cell needs --patch", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except NoWorkFound as e:
+        print(f"streamcoadd: nothing to do: {e}", file=sys.stderr)
+        return 3
+    except UserError as e:
+        print(f"streamcoadd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamcoadd: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        if os.environ.get("STREAMCOADD_DEBUG"):
+            raise
+        import traceback
+
+        print("streamcoadd: internal error (a bug; please report it with this trace):",
+              file=sys.stderr)
+        traceback.print_exc()
+        return 70

@@ -1,0 +1,58 @@
+"""Small durability primitives: fsync of files and directories, atomic replace, and
+named crash points for fault injection.
+
+Crash points: set ``STREAMCOADD_CRASH_AT=name`` (or ``name:N`` for the N-th time the
+point is reached, counting from 1) and the process kills itself with SIGKILL there, as a
+power cut or ``kill -9`` would. The torture tests use this to stop at every step of a commit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get("STREAMCOADD_CRASH_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes, crash_name: str | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file:
+    write a ``.tmp`` sibling, fsync it, rename over ``path``, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if crash_name:
+        crash_point(crash_name + "-tmp-written")
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,325 @@
+"""The fold: pure numpy functions that add one warp to the accumulators of one cell (SPEC §3).
+
+No I/O here. The flow for one warp is::
+
+    prepared = prepare_warp(warp, config)            # weight, interpolation, masks (once)
+    for cell in cells the warp touches:
+        cin = cell_input(prepared, tract, cell, config)   # overlap rule, good fraction
+        if cin is not None:
+            fold_cell(accumulator, cin, prepared, config)
+
+Arrays of a cell have the shape of the cell's *outer* box ``(outer, outer)``; sums are
+float64.  Every input contributes to every valid pixel of a cell with the same scalar
+weight; bad pixels are interpolated first (see :func:`interpolate_bad_pixels`), so the
+coadd PSF is the weighted mean of the input PSFs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.stats import sigma_clipped_stats
+from scipy import ndimage
+
+from .config import FoldConfig
+from .errors import WarpRejected
+from .masks import CANONICAL_PLANES, bitmask
+from .psf import psf_moments, resize_stamp
+from .skymap import Box, CellId, Tract
+from .warp import NO_DATA, Warp
+
+GROUPS = ("good", "fallback")
+
+
+# --------------------------------------------------------------------------- warp level
+
+@dataclass
+class PreparedWarp:
+    """A warp made ready to fold: NO_DATA pixels zeroed, bad pixels interpolated.
+
+    ``valid``: pixels with data (bool, warp shape); ``bad``: valid pixels under a bad plane
+    that were interpolated; ``or_mask``: bits that are OR-ed into the coadd mask (0 outside
+    ``valid``); ``planes``: bool maps of the planes propagated by threshold.
+    """
+
+    warp: Warp
+    weight: float
+    image: np.ndarray
+    variance: np.ndarray
+    noise: list[np.ndarray]
+    valid: np.ndarray
+    bad: np.ndarray
+    or_mask: np.ndarray
+    planes: dict[str, np.ndarray]
+
+    @property
+    def box(self) -> Box:
+        return self.warp.box
+
+
+def warp_weight(warp: Warp, config: FoldConfig) -> float:
+    """Scalar weight: header ``WEIGHT``, else 1 / (3-sigma, 2-iteration clipped mean
+    variance over the warp's good pixels: not NO_DATA, no bad plane, finite)."""
+    if warp.weight_override is not None:
+        return warp.weight_override
+    good = (warp.mask & (NO_DATA | bitmask(config.bad_planes))) == 0
+    var = warp.variance[good].astype(np.float64)
+    var = var[np.isfinite(var)]
+    if var.size == 0:
+        raise WarpRejected(warp.path, "no good pixels to compute the weight from and no "
+                                      "WEIGHT keyword in the primary header")
+    mean, _, _ = sigma_clipped_stats(var, sigma=3.0, maxiters=2)
+    weight = 1.0 / float(mean)
+    if not np.isfinite(weight) or weight <= 0:
+        raise WarpRejected(warp.path, f"weight 1/<variance> = {weight!r} is not positive and "
+                                      "finite; check the VARIANCE plane")
+    return weight
+
+
+def prepare_warp(warp: Warp, config: FoldConfig) -> PreparedWarp:
+    weight = warp_weight(warp, config)
+    valid = (warp.mask & NO_DATA) == 0
+    bad = valid & ((warp.mask & bitmask(config.bad_planes)) != 0)
+    planes = [warp.image, warp.variance, *warp.noise]
+    filled = interpolate_bad_pixels(planes, valid, bad)
+    keep = ~(bitmask(config.bad_planes) | bitmask(config.drop_planes) | NO_DATA)
+    or_mask = np.where(valid, warp.mask & np.int32(keep), np.int32(0))
+    propagated = {}
+    for name in config.propagate_thresholds:
+        plane = valid & ((warp.mask & (1 << CANONICAL_PLANES[name])) != 0)
+        if plane.any():
+            propagated[name] = plane
+    return PreparedWarp(warp=warp, weight=weight, image=filled[0], variance=filled[1],
+                        noise=filled[2:], valid=valid, bad=bad, or_mask=or_mask,
+                        planes=propagated)
+
+
+def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
+                           bad: np.ndarray) -> list[np.ndarray]:
+    """Fill ``bad`` pixels of each plane from good neighbours; zero pixels outside ``valid``.
+
+    Method: linear interpolation along the row between the nearest good pixels to the left
+    and right (a run touching an edge or NO_DATA on one side takes the value of its one
+    good neighbour). Pixels in rows with no good pixel at all take the value of the
+    nearest good pixel in 2-D (Euclidean distance transform). Returns float32 copies;
+    inputs are not modified.
+    """
+    out = [np.where(valid, p, np.float32(0)).astype(np.float32, copy=False) for p in planes]
+    if not bad.any():
+        return out
+    good = valid & ~bad
+    rows = np.flatnonzero(bad.any(axis=1))
+    g = good[rows]
+    w = g.shape[1]
+    cols = np.arange(w)
+    left = np.maximum.accumulate(np.where(g, cols, -1), axis=1)
+    right = np.minimum.accumulate(np.where(g, cols, w)[:, ::-1], axis=1)[:, ::-1]
+    r_idx, xs = np.nonzero(bad[rows])
+    ys = rows[r_idx]
+    lx, rx = left[r_idx, xs], right[r_idx, xs]
+    has_l, has_r = lx >= 0, rx < w
+    lxc, rxc = np.where(has_l, lx, rx), np.where(has_r, rx, lx)
+    frac = np.where(has_l & has_r, (xs - lxc) / np.maximum(rxc - lxc, 1), 0.0)
+    orphan = ~(has_l | has_r)
+    if orphan.any():
+        _, (ny, nx) = ndimage.distance_transform_edt(~good, return_indices=True)
+        oy, ox = ys[orphan], xs[orphan]
+        lxc[orphan] = rxc[orphan] = nx[oy, ox]
+        src_y = ys.copy()
+        src_y[orphan] = ny[oy, ox]
+    else:
+        src_y = ys
+    for o in out:
+        lv = o[src_y, lxc].astype(np.float64)
+        rv = o[src_y, rxc].astype(np.float64)
+        o[ys, xs] = lv + (rv - lv) * frac
+    return out
+
+
+# --------------------------------------------------------------------------- cell level
+
+@dataclass
+class Contributor:
+    """One input of one cell (a row of the contributor list)."""
+
+    visit: int
+    detector: int
+    weight: float
+    overlap_fraction: float  # of the inner box covered by valid pixels
+    good_fraction: float  # of the inner box that is valid and not bad
+    fallback: bool
+    psf_ixx: float
+    psf_iyy: float
+    psf_ixy: float
+    psf_flag: bool
+    content_hash: str
+    folded_at: float  # unix time
+    instrument: str = ""
+    physical_filter: str = ""
+    mjd: float = float("nan")
+
+
+@dataclass
+class CellSums:
+    """Running float64 sums of one group (good or fallback inputs) of one cell.
+
+    Image-like arrays have the cell outer shape (H, W); ``noise`` is (K, H, W);
+    ``planes[name]`` is the weight of inputs carrying that propagated plane.
+    """
+
+    sum_w: np.ndarray
+    sum_wI: np.ndarray
+    sum_w2var: np.ndarray
+    sum_w_interp: np.ndarray
+    mask_or: np.ndarray
+    noise: np.ndarray
+    psf_sum: np.ndarray
+    psf_w: float = 0.0
+    planes: dict[str, np.ndarray] = field(default_factory=dict)
+    contributors: list[Contributor] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, int], psf_size: int, n_noise: int) -> "CellSums":
+        z = lambda: np.zeros(shape, np.float64)  # noqa: E731
+        return cls(sum_w=z(), sum_wI=z(), sum_w2var=z(), sum_w_interp=z(),
+                   mask_or=np.zeros(shape, np.int32),
+                   noise=np.zeros((n_noise, *shape), np.float64),
+                   psf_sum=np.zeros((psf_size, psf_size), np.float64))
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.sum_w, self.sum_wI, self.sum_w2var, self.sum_w_interp, self.mask_or,
+                  self.noise, self.psf_sum, *self.planes.values()]
+        return sum(a.nbytes for a in arrays)
+
+
+@dataclass
+class CellAccumulator:
+    """Both groups of one cell. The coadd uses ``good`` if it has any input, else
+    ``fallback``; keeping both makes the result independent of arrival order."""
+
+    cell: CellId
+    outer: Box
+    groups: dict[str, CellSums] = field(default_factory=dict)
+
+    def active(self) -> CellSums | None:
+        for name in GROUPS:
+            g = self.groups.get(name)
+            if g is not None and g.contributors:
+                return g
+        return None
+
+    def active_group(self) -> str | None:
+        for name in GROUPS:
+            g = self.groups.get(name)
+            if g is not None and g.contributors:
+                return name
+        return None
+
+    def hashes(self) -> set[str]:
+        return {c.content_hash for g in self.groups.values() for c in g.contributors}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in self.groups.values())
+
+
+@dataclass(frozen=True)
+class CellInput:
+    """How one prepared warp meets one cell."""
+
+    cell: CellId
+    inner: Box
+    outer: Box
+    centre: tuple[int, int]
+    overlap_fraction: float
+    good_fraction: float
+
+
+def cell_input(pw: PreparedWarp, tract: Tract, cell: CellId,
+               config: FoldConfig) -> CellInput | None:
+    """Apply the overlap rule: the warp's valid pixels must cover at least
+    ``min_overlap_fraction`` of the cell inner box (default: all of it) and the centre."""
+    inner = tract.cell_inner_box(cell)
+    centre = tract.cell_centre(cell)
+    box = pw.box
+    if not (box.x0 <= centre[0] < box.x1 and box.y0 <= centre[1] < box.y1):
+        return None
+    if not pw.valid[centre[1] - box.y0, centre[0] - box.x0]:
+        return None
+    part = inner.intersection(box)
+    if part.empty:
+        return None
+    sl = part.slices(pw.warp.xy0)
+    n_inner = inner.width * inner.height
+    covered = int(np.count_nonzero(pw.valid[sl]))
+    overlap = covered / n_inner
+    if overlap < config.min_overlap_fraction:
+        return None
+    good = (covered - int(np.count_nonzero(pw.bad[sl]))) / n_inner
+    return CellInput(cell=cell, inner=inner, outer=tract.cell_outer_box(cell),
+                     centre=centre, overlap_fraction=overlap, good_fraction=good)
+
+
+def is_fallback(cin: CellInput, config: FoldConfig) -> bool:
+    return cin.good_fraction <= 1.0 - config.max_maskfrac
+
+
+def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
+              config: FoldConfig) -> None:
+    """Add one prepared warp to one cell accumulator (in place)."""
+    fallback = is_fallback(cin, config)
+    name = "fallback" if fallback else "good"
+    sums = acc.groups.get(name)
+    if sums is None:
+        sums = acc.groups[name] = CellSums.zeros(acc.outer.shape, config.psf_size,
+                                                 config.noise_realizations)
+    accumulate_pixels(sums, pw, acc.outer)
+    w = np.float64(pw.weight)
+    stamp = resize_stamp(pw.warp.psf.at(*cin.centre), config.psf_size)
+    sums.psf_sum += w * stamp
+    sums.psf_w += float(w)
+    ixx, iyy, ixy, flag = psf_moments(stamp)
+    wp = pw.warp
+    sums.contributors.append(Contributor(
+        visit=wp.id.visit, detector=wp.id.detector, weight=float(w),
+        overlap_fraction=cin.overlap_fraction, good_fraction=cin.good_fraction,
+        fallback=fallback, psf_ixx=ixx, psf_iyy=iyy, psf_ixy=ixy, psf_flag=flag,
+        content_hash=wp.content_hash, folded_at=time.time(), instrument=wp.instrument,
+        physical_filter=wp.physical_filter, mjd=wp.mjd))
+
+
+def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box) -> None:
+    """Per-pixel sums over the part of the cell outer box that the warp covers."""
+    part = outer.intersection(pw.box)
+    ws = part.slices(pw.warp.xy0)
+    cs = part.slices((outer.x0, outer.y0))
+    w = np.float64(pw.weight)
+    valid = pw.valid[ws]
+    if valid.all():
+        wv = w  # the common case: a scalar weight over the whole box
+        sums.sum_w[cs] += w
+    else:
+        wv = valid * w
+        sums.sum_w[cs] += wv
+    tmp = np.empty(part.shape, np.float64)
+    np.multiply(pw.image[ws], wv, out=tmp)
+    sums.sum_wI[cs] += tmp
+    np.multiply(pw.variance[ws], wv * w, out=tmp)
+    sums.sum_w2var[cs] += tmp
+    for k, noise in enumerate(pw.noise):
+        np.multiply(noise[ws], wv, out=tmp)
+        sums.noise[k][cs] += tmp
+    bad = pw.bad[ws]
+    if bad.any():
+        sums.sum_w_interp[cs] += bad * w
+    for name, plane in pw.planes.items():
+        p = plane[ws]
+        if p.any():
+            arr = sums.planes.get(name)
+            if arr is None:
+                arr = sums.planes[name] = np.zeros(outer.shape, np.float64)
+            arr[cs] += p * w
+    sums.mask_or[cs] |= pw.or_mask[ws]

@@ -1,0 +1,154 @@
+"""Fold warp files into a state, several per durable commit.
+
+``Ingestor.submit(path)`` reads, validates and folds one warp in memory; ``commit()``
+makes every pending warp durable at once. Callers (``ingest``, the daemon) must keep a
+warp's file until ``commit()`` has returned its outcome: the files are the replay log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .config import RunConfig
+from .errors import WarpRejected
+from .fold import CellInput, cell_input, fold_cell, prepare_warp
+from .ledger import WarpRecord
+from .state import Shard, StateStore
+from .warp import WarpId, _read_bytes, file_hash, read_warp
+
+
+@dataclass
+class Outcome:
+    """What happened to one file. ``status``: pending (folded in memory, not yet
+    durable), folded, no_cells (valid, covers no cell fully; recorded as seen),
+    duplicate (already in the state), rejected (``reason`` says why)."""
+
+    path: str
+    status: str
+    reason: str = ""
+    warp_id: WarpId | None = None
+    band: str = ""
+    cells: int = 0
+    ms: float = 0.0
+    content_hash: str = ""
+    weight: float = 0.0
+
+
+class Ingestor:
+    def __init__(self, store: StateStore, run: RunConfig = RunConfig()):
+        if not store.write:
+            raise ValueError("Ingestor needs a state opened for writing")
+        self.store = store
+        self.run = run
+        store.cache_bytes = int(run.cache_gb * 1e9)
+        self._pending: list[Outcome] = []
+        self._first_pending_at: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def needs_commit(self) -> bool:
+        if not self._pending:
+            return False
+        return (len(self._pending) >= self.run.commit_every
+                or time.monotonic() - self._first_pending_at >= self.run.commit_interval
+                or self.store.dirty_bytes() >= self.store.cache_bytes)
+
+    def submit(self, path) -> Outcome:
+        t0 = time.perf_counter()
+        path = str(path)
+        try:
+            outcome = self._submit(path)
+        except WarpRejected as e:
+            self.store.ledger.record_rejection(path, e.reason)
+            outcome = Outcome(path, "rejected", reason=e.reason)
+        outcome.ms = (time.perf_counter() - t0) * 1e3
+        if outcome.status == "pending":
+            if not self._pending:
+                self._first_pending_at = time.monotonic()
+            self._pending.append(outcome)
+        return outcome
+
+    def commit(self) -> list[Outcome]:
+        """Make all pending warps durable; returns their final outcomes."""
+        if not self._pending:
+            return []
+        self.store.commit()
+        records = []
+        for o in self._pending:
+            o.status = "folded" if o.cells else "no_cells"
+            records.append(WarpRecord(o.content_hash, o.warp_id.tract, o.warp_id.visit,
+                                      o.warp_id.detector, o.band, o.path, o.status, o.cells,
+                                      o.weight, time.time()))
+        self.store.ledger.record_warps(records)
+        done, self._pending = self._pending, []
+        return done
+
+    # ------------------------------------------------------------------ internals
+    def _submit(self, path: str) -> Outcome:
+        store = self.store
+        data = _read_bytes(path)
+        h = file_hash(data)
+        rec = store.ledger.get(h)
+        if rec is not None and rec.status != "retracted":
+            return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
+                           warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
+                           content_hash=h)
+        if rec is not None:
+            raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was "
+                                     "retracted; refold it with 'streamcoadd ingest --allow-refold'")
+        for o in self._pending:
+            if o.content_hash == h:
+                return Outcome(path, "duplicate", reason=f"same content as {o.path}",
+                               warp_id=o.warp_id, band=o.band, content_hash=h)
+        fold = store.fold
+        warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations, data=data)
+        self._check_identity(warp.id, h, path)
+        prepared = prepare_warp(warp, fold)
+        tract = store.skymap.tract(warp.id.tract)
+
+        # Plan everything first, so that a rejection leaves memory untouched.
+        plan: list[tuple[Shard, list[CellInput]]] = []
+        for patch in tract.patches_overlapping(warp.box):
+            shard = store.shard(patch, warp.band)
+            if h in shard.warps:
+                continue  # durable in this shard already (replay after a crash)
+            prior = _same_id(shard.warps, warp.id, h) or _same_id(shard.pending_warps, warp.id, h)
+            if prior:
+                raise WarpRejected(path, f"{warp.id} is already in the state with different "
+                                         "content; retract it first if this is a replacement")
+            inputs = [cin for cell in tract.cells_overlapping(patch, warp.box)
+                      if (cin := cell_input(prepared, tract, cell, fold)) is not None]
+            plan.append((shard, inputs))
+
+        n_cells = 0
+        try:
+            for shard, inputs in plan:
+                for cin in inputs:
+                    fold_cell(store.cell_for_write(shard, cin.cell), cin, prepared, fold)
+                if inputs:
+                    shard.pending_warps[h] = (warp.id.visit, warp.id.detector)
+                n_cells += len(inputs)
+        except BaseException:
+            # A half-folded warp must never reach a commit: drop all uncommitted work.
+            store.discard_uncommitted()
+            self._pending = []
+            raise
+        return Outcome(path, "pending", warp_id=warp.id, band=warp.band, cells=n_cells,
+                       content_hash=h, weight=prepared.weight)
+
+    def _check_identity(self, wid: WarpId, h: str, path: str) -> None:
+        for rec in self.store.ledger.find_id(wid.tract, wid.visit, wid.detector):
+            if rec.content_hash != h and rec.status != "retracted":
+                raise WarpRejected(path, f"{wid} was already folded from {rec.path} with "
+                                         "different content; retract it first if this file "
+                                         "replaces it")
+        for o in self._pending:
+            if o.warp_id == wid and o.content_hash != h:
+                raise WarpRejected(path, f"{wid} is also in {o.path} with different content")
+
+
+def _same_id(warps: dict[str, tuple[int, int]], wid: WarpId, h: str) -> bool:
+    return any(v == (wid.visit, wid.detector) and k != h for k, v in warps.items())

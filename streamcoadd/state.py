@@ -1,0 +1,329 @@
+"""The durable state directory: shards of immutable cell generations, manifests, ledger.
+
+Layout (``docs/state-format.md`` is the reference)::
+
+    STATE/state.json                          format version, skymap, fold rules
+    STATE/ledger.sqlite                       warps seen / rejected / retracted
+    STATE/lock                                single-writer flock
+    STATE/shards/t{T}/p{X}-{Y}/{band}/manifest.json       the shard's commit point
+    STATE/shards/t{T}/p{X}-{Y}/{band}/c{CX}-{CY}.g{G}.h5  one cell generation
+
+Commit protocol for one shard (one writer per shard): write each changed cell as a new
+generation file (tmp, fsync, rename); fsync the directory; replace ``manifest.json``
+atomically (tmp, fsync, rename, fsync dir) -- that rename is the commit point; then delete
+the superseded generations. The manifest lists the current generation of every cell and
+the content hash of every warp folded into the shard, which makes a replay skip what is
+already durable. Files not named by the manifest are debris of an interrupted commit and
+are removed when a writer opens the state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cellfile import read_cell_file, write_cell_file
+from .config import FoldConfig
+from .durable import crash_point, fsync_dir, write_atomic
+from .errors import StateError, UserError
+from .fold import CellAccumulator
+from .ledger import Ledger
+from .skymap import CellId, PatchId, SkyMap, skymap_from_dict
+
+STATE_FORMAT = "streamcoadd-state"
+STATE_VERSION = 1
+CELL_RE = re.compile(r"^c(\d+)-(\d+)\.g(\d+)\.h5$")
+READ_RETRIES = 50
+
+
+class StateLocked(UserError):
+    """Another process holds the state's writer lock."""
+
+
+@dataclass
+class Shard:
+    """One (patch, band): its committed manifest and the cells held in memory."""
+
+    patch: PatchId
+    band: str
+    directory: Path
+    commit: int = 0
+    cell_gens: dict[tuple[int, int], int] = field(default_factory=dict)
+    warps: dict[str, tuple[int, int]] = field(default_factory=dict)  # hash -> (visit, det)
+    cells: dict[CellId, CellAccumulator] = field(default_factory=dict)
+    dirty: set[CellId] = field(default_factory=set)
+    pending_warps: dict[str, tuple[int, int]] = field(default_factory=dict)
+    last_used: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cells.values())
+
+    @property
+    def dirty_bytes(self) -> int:
+        return sum(self.cells[c].nbytes for c in self.dirty)
+
+
+def _band_dirname(band: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", band):
+        raise UserError(f"band name {band!r} must be letters, digits, '_' or '-'")
+    return band
+
+
+class StateStore:
+    """A state directory opened for reading, or for writing by exactly one process."""
+
+    def __init__(self, root: Path, skymap: SkyMap, fold: FoldConfig, meta: dict,
+                 write: bool):
+        self.root = root
+        self.skymap = skymap
+        self.fold = fold
+        self.meta = meta
+        self.write = write
+        self._lock_fd = None
+        self.shards: dict[tuple[PatchId, str], Shard] = {}
+        if write:
+            self._take_lock()
+        self.ledger = Ledger(root / "ledger.sqlite", write=write)
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, root: str | Path, skymap: SkyMap, fold: FoldConfig) -> Path:
+        root = Path(root)
+        if (root / "state.json").exists():
+            raise UserError(f"{root}: a state already exists here; choose another directory")
+        if root.exists() and any(root.iterdir()):
+            raise UserError(f"{root}: directory is not empty; give a new or empty directory")
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        meta = {"format": STATE_FORMAT, "version": STATE_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "skymap": skymap.to_dict(), "fold": fold.to_dict()}
+        (root / "skymap.toml").write_text(skymap.to_toml())
+        Ledger(root / "ledger.sqlite", write=True).close()
+        write_atomic(root / "state.json", json.dumps(meta, indent=2).encode())
+        fsync_dir(root.parent if str(root.parent) else Path("."))
+        return root
+
+    @classmethod
+    def open(cls, root: str | Path, write: bool = False) -> "StateStore":
+        root = Path(root)
+        try:
+            meta = json.loads((root / "state.json").read_text())
+        except FileNotFoundError:
+            raise StateError(f"{root}: no streamcoadd state here (no state.json); create one "
+                             "with 'streamcoadd init STATE --skymap SKYMAP.toml'") from None
+        except (json.JSONDecodeError, OSError) as e:
+            raise StateError(f"{root}/state.json is unreadable ({e}); restore it from backup") from None
+        if meta.get("format") != STATE_FORMAT:
+            raise StateError(f"{root}: state.json is not a streamcoadd state")
+        if meta.get("version") != STATE_VERSION:
+            raise StateError(f"{root}: state format version {meta.get('version')} is not "
+                             f"supported by this streamcoadd (needs {STATE_VERSION})")
+        skymap = skymap_from_dict(meta["skymap"], f"{root}/state.json")
+        fold = FoldConfig.from_dict(meta["fold"])
+        store = cls(root, skymap, fold, meta, write)
+        if write:
+            store.recover()
+        return store
+
+    def close(self) -> None:
+        self.ledger.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateLocked(f"{self.root}: state is in use by {holder}; only one writer "
+                              "(watch or ingest) may run on a state at a time") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    # ------------------------------------------------------------------ layout
+    def shard_dir(self, patch: PatchId, band: str) -> Path:
+        return (self.root / "shards" / f"t{patch.tract}" / f"p{patch.x}-{patch.y}"
+                / _band_dirname(band))
+
+    @staticmethod
+    def cell_filename(cell: CellId, gen: int) -> str:
+        return f"c{cell.x}-{cell.y}.g{gen}.h5"
+
+    def shard_keys(self) -> list[tuple[PatchId, str]]:
+        """Every (patch, band) with a committed manifest."""
+        out = []
+        for m in sorted((self.root / "shards").glob("t*/p*/*/manifest.json")):
+            band = m.parent.name
+            px, py = (int(v) for v in m.parent.parent.name[1:].split("-"))
+            tract = int(m.parent.parent.parent.name[1:])
+            out.append((PatchId(tract, px, py), band))
+        return out
+
+    def read_manifest(self, patch: PatchId, band: str) -> dict | None:
+        path = self.shard_dir(patch, band) / "manifest.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as e:
+            raise StateError(f"{path} is corrupt ({e}); run 'streamcoadd verify'") from None
+
+    # ------------------------------------------------------------------ reading
+    def read_cell(self, cell: CellId, band: str) -> tuple[CellAccumulator, dict] | None:
+        """The committed accumulator of one cell, or None if the cell has no input.
+        Reads only the manifest and that cell's file; retries if a commit replaced the
+        generation between the two reads."""
+        key = (cell.patch, band)
+        if self.write and key in self.shards and cell in self.shards[key].cells \
+                and cell not in self.shards[key].dirty:
+            shard = self.shards[key]
+            gen = shard.cell_gens.get((cell.x, cell.y))
+            return shard.cells[cell], {"generation": gen}
+        last_error = None
+        for _ in range(READ_RETRIES):
+            manifest = self.read_manifest(cell.patch, band)
+            if manifest is None:
+                return None
+            gen = manifest["cells"].get(f"{cell.x}-{cell.y}")
+            if gen is None:
+                return None
+            path = self.shard_dir(cell.patch, band) / self.cell_filename(cell, gen)
+            try:
+                return read_cell_file(path)
+            except FileNotFoundError as e:  # superseded by a commit meanwhile: look again
+                last_error = e
+                time.sleep(0.01)
+        raise StateError(f"cannot read {cell} band {band}: {last_error}")
+
+    # ------------------------------------------------------------------ writing
+    def recover(self) -> list[Path]:
+        """Remove debris of interrupted commits: temporary files and cell generations
+        that no manifest names. Safe because the manifest rename is the commit point."""
+        removed = []
+        for tmp in (self.root / "shards").rglob("*.tmp"):
+            tmp.unlink()
+            removed.append(tmp)
+        for patch, band in self.shard_keys():
+            d = self.shard_dir(patch, band)
+            manifest = self.read_manifest(patch, band) or {"cells": {}}
+            live = {f"c{k}.g{g}.h5" for k, g in manifest["cells"].items()}
+            for f in d.glob("c*.h5"):
+                if f.name not in live:
+                    f.unlink()
+                    removed.append(f)
+        for d in (self.root / "shards").glob("t*/p*/*"):
+            if d.is_dir() and not (d / "manifest.json").exists():
+                for f in d.glob("c*.h5"):
+                    f.unlink()
+                    removed.append(f)
+        return removed
+
+    def shard(self, patch: PatchId, band: str) -> Shard:
+        key = (patch, band)
+        shard = self.shards.get(key)
+        if shard is None:
+            d = self.shard_dir(patch, band)
+            shard = Shard(patch=patch, band=band, directory=d)
+            manifest = self.read_manifest(patch, band)
+            if manifest is not None:
+                shard.commit = int(manifest["commit"])
+                shard.cell_gens = {tuple(int(v) for v in k.split("-")): int(g)
+                                   for k, g in manifest["cells"].items()}
+                shard.warps = {h: (int(v), int(d_)) for h, (v, d_) in manifest["warps"].items()}
+            self.shards[key] = shard
+        shard.last_used = time.monotonic()
+        return shard
+
+    def cell_for_write(self, shard: Shard, cell: CellId) -> CellAccumulator:
+        acc = shard.cells.get(cell)
+        if acc is None:
+            gen = shard.cell_gens.get((cell.x, cell.y))
+            if gen is None:
+                tract = self.skymap.tract(cell.patch.tract)
+                acc = CellAccumulator(cell=cell, outer=tract.cell_outer_box(cell))
+            else:
+                acc, _ = read_cell_file(shard.directory / self.cell_filename(cell, gen))
+            shard.cells[cell] = acc
+        shard.dirty.add(cell)
+        return acc
+
+    def dirty_bytes(self) -> int:
+        return sum(s.dirty_bytes for s in self.shards.values())
+
+    def discard_uncommitted(self) -> None:
+        """Forget everything folded in memory since the last commit (after an error in
+        the middle of a fold: the inbox still holds those warps)."""
+        for key in list(self.shards):
+            s = self.shards[key]
+            if s.dirty or s.pending_warps:
+                del self.shards[key]
+
+    def commit(self) -> None:
+        """Make every dirty shard durable (see the module docstring for the protocol)."""
+        for shard in self.shards.values():
+            if shard.dirty or shard.pending_warps:
+                self._commit_shard(shard)
+        self.trim_cache(self.cache_bytes)
+
+    cache_bytes: int = int(2e9)
+
+    def _commit_shard(self, shard: Shard) -> None:
+        d = shard.directory
+        d.mkdir(parents=True, exist_ok=True)
+        gen = shard.commit + 1
+        tract = self.skymap.tract(shard.patch.tract)
+        old = {}
+        for cell in sorted(shard.dirty):
+            acc = shard.cells[cell]
+            write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
+                            tract.cell_inner_box(cell))
+            key = (cell.x, cell.y)
+            if key in shard.cell_gens:
+                old[key] = shard.cell_gens[key]
+        fsync_dir(d)
+        crash_point("cells-durable")
+        cell_gens = dict(shard.cell_gens)
+        cell_gens.update({(c.x, c.y): gen for c in shard.dirty})
+        warps = {**shard.warps, **shard.pending_warps}
+        manifest = {
+            "format": "streamcoadd-shard", "version": STATE_VERSION,
+            "tract": shard.patch.tract, "patch": [shard.patch.x, shard.patch.y],
+            "band": shard.band, "commit": gen, "updated": time.time(),
+            "cells": {f"{x}-{y}": g for (x, y), g in sorted(cell_gens.items())},
+            "warps": {h: list(v) for h, v in warps.items()},
+        }
+        write_atomic(d / "manifest.json", json.dumps(manifest).encode(), "manifest")
+        crash_point("manifest-committed")
+        shard.commit, shard.cell_gens, shard.warps = gen, cell_gens, warps
+        shard.dirty.clear()
+        shard.pending_warps = {}
+        for (x, y), g in old.items():
+            try:
+                (d / f"c{x}-{y}.g{g}.h5").unlink()
+            except FileNotFoundError:
+                pass
+
+    def trim_cache(self, limit: int) -> None:
+        """Drop clean cells of the least recently used shards until under ``limit`` bytes."""
+        total = sum(s.nbytes for s in self.shards.values())
+        for shard in sorted(self.shards.values(), key=lambda s: s.last_used):
+            if total <= limit:
+                break
+            for cell in [c for c in shard.cells if c not in shard.dirty]:
+                total -= shard.cells.pop(cell).nbytes
