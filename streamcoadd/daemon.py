@@ -31,7 +31,6 @@ import socket
 import sys
 import threading
 import time
-import tomllib
 import traceback
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
@@ -46,9 +45,9 @@ STATUS_NAME = "daemon-status.json"
 
 # exit codes (documented in docs/operations.md and used by config/streamcoadd.service)
 EXIT_OK = 0
-EXIT_ERROR = 1  # configuration / usage / state missing: restarting will not help
-EXIT_LOCKED = 3  # another process holds the state lock
-EXIT_SOFTWARE = 70  # internal error while folding (the offending file is quarantined)
+EXIT_ERROR = 2  # configuration / usage / no state: restarting will not help (as the CLI)
+EXIT_LOCKED = 4  # another process holds the state's writer lock
+EXIT_SOFTWARE = 70  # internal error (a bug); pending warps stay in the inbox
 EXIT_TEMPFAIL = 75  # I/O error while committing (disk full, ...): retry later
 
 
@@ -73,6 +72,7 @@ class DaemonConfig:
     log_level: str = "INFO"
     on_stop: str = "commit"  # or "abandon"
     until_idle: float = 0.0  # > 0: exit 0 after this many idle seconds
+    idle_commit: float = 1.0  # commit a pending batch after this long with nothing to take
 
     @classmethod
     def from_dict(cls, d: dict) -> "DaemonConfig":
@@ -89,8 +89,10 @@ class DaemonConfig:
     def validate(self) -> None:
         if not self.inbox:
             raise UserError("no inbox: give --inbox DIR (or inbox = ... in [daemon])")
-        if self.stable_seconds < 0 or self.poll < 0 or self.reconcile_interval <= 0:
-            raise UserError("stable_seconds and poll must be >= 0, reconcile_interval > 0")
+        if (self.stable_seconds < 0 or self.poll < 0 or self.reconcile_interval <= 0
+                or self.idle_commit < 0 or self.until_idle < 0 or self.max_tracked < 1):
+            raise UserError("[daemon] stable_seconds, poll, idle_commit and until_idle must be "
+                            ">= 0, reconcile_interval > 0 and max_tracked >= 1")
         if self.on_stop not in ("commit", "abandon"):
             raise UserError(f"[daemon] on_stop must be 'commit' or 'abandon', not {self.on_stop!r}")
         if self.log_format not in ("text", "json"):
@@ -99,26 +101,13 @@ class DaemonConfig:
             raise UserError("[daemon] patterns must not be empty")
 
 
-def _config_file(explicit: str | None) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("STREAMCOADD_CONFIG")
-    if env:
-        return Path(env)
-    return None
+def load_config(path: str | None) -> tuple[DaemonConfig, dict]:
+    """``[daemon]`` and ``[run]`` tables of the settings file (both optional): ``--config
+    FILE``, else ``config/streamcoadd.toml`` of this checkout, else built-in defaults (the
+    same rule as every other subcommand)."""
+    from .cli import _site_config
 
-
-def load_config(path: Path | None) -> tuple[DaemonConfig, dict]:
-    """``[daemon]`` and ``[run]`` tables of a TOML config file (both optional)."""
-    if path is None:
-        return DaemonConfig(), {}
-    try:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML: {e}") from None
+    d = _site_config(path)
     return DaemonConfig.from_dict(d.get("daemon", {})), dict(d.get("run", {}))
 
 
@@ -143,7 +132,7 @@ def _logfmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        v = f"{v:.1f}"
+        v = f"{v:g}"
     v = str(v)
     if not v or any(ch in v for ch in ' "=\n\t'):
         return json.dumps(v)
@@ -351,10 +340,6 @@ class _Counts:
     errors: int = 0
 
 
-class _Stop(Exception):
-    pass
-
-
 class Daemon:
     def __init__(self, state_dir: Path, cfg: DaemonConfig, run_config, *, config_source=None):
         self.state_dir = Path(state_dir)
@@ -385,6 +370,7 @@ class Daemon:
         self.inbox = None
         self.notify = _SdNotify()
         self._in_commit = False
+        self._last_take = 0.0
 
     # ---------------------------------------------------------------- setup
     def _check_dirs(self) -> None:
@@ -427,10 +413,10 @@ class Daemon:
         from .ingest import Ingestor
         from .state import StateStore
 
-        self._check_dirs()
         # the lock first: a second daemon must not touch anything
         self.store = StateStore.open(self.state_dir, write=True)
         try:
+            self._check_dirs()
             self._install_signals()
             self.ing = Ingestor(self.store, self.run_config)
             self.inbox = Inbox(self.inbox_dir, stable_seconds=self.cfg.stable_seconds,
@@ -477,13 +463,15 @@ class Daemon:
                 self._write_status()
                 continue
             # nothing ready now
-            if self.ing.pending and (not self.inbox.has_waiting() or self.ing.needs_commit()):
-                code = self._commit("idle" if not self.ing.needs_commit() else "interval")
+            now = time.monotonic()
+            quiet = now - self._last_take >= self.cfg.idle_commit
+            if self.ing.pending and ((quiet and not self.inbox.has_waiting())
+                                     or self.ing.needs_commit()):
+                code = self._commit("interval" if self.ing.needs_commit() else "idle")
                 if code is not None:
                     return code
                 continue
             busy = self.ing.pending or self.inbox.has_untaken() or self.inflight
-            now = time.monotonic()
             if busy:
                 idle_since = None
             elif idle_since is None:
@@ -506,7 +494,7 @@ class Daemon:
             if nxt is not None:
                 timeout = min(timeout, nxt + 0.01)
             if self.ing.pending:
-                timeout = min(timeout, 0.2)
+                timeout = min(timeout, max(0.05, self._last_take + self.cfg.idle_commit - now))
             if until_idle and idle_since is not None:
                 timeout = min(timeout, max(0.0, idle_since + until_idle - now) + 0.01)
             if self.notify.watchdog:
@@ -524,6 +512,7 @@ class Daemon:
         from .errors import WarpRejected
 
         path = self.inbox_dir / name
+        self._last_take = time.monotonic()
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -554,17 +543,32 @@ class Daemon:
                                         RuntimeError(f"unexpected outcome status {status!r}"))
         return None
 
-    def _internal_error(self, name: str, fp, exc: BaseException) -> int:
-        """A bug (or an unexpected I/O error) while folding: the in-memory batch can no
-        longer be trusted. Quarantine the file (so a restart does not hit it again), abandon
-        the pending batch (it stays in the inbox and is replayed) and exit non-zero."""
+    def _internal_error(self, name: str, fp, exc: BaseException) -> int | None:
+        """A bug, or an unexpected error (I/O, memory) while reading or folding one file.
+
+        The file is quarantined in rejected/ with the traceback (so that a restart does not
+        trip on it again). The core drops all uncommitted work when a fold fails half-way:
+        then the files of the dropped batch are handed back to the queue and folded again.
+        If the in-memory batch cannot be accounted for, abandon it (it stays in the inbox,
+        the replay log) and exit non-zero."""
         self.counts.errors += 1
         tb = traceback.format_exc()
-        reason = f"internal error while folding ({type(exc).__name__}: {exc}); see the daemon log"
-        log.error("internal error folding %s: %s\n%s", name, exc, tb.rstrip())
+        log.error("internal error on %s: %s: %s\n%s", name, type(exc).__name__, exc,
+                  tb.rstrip())
         self.last_error = f"{name}: {type(exc).__name__}: {exc}"
-        self._reject(name, fp, reason, None, detail=tb)
-        event(logging.ERROR, "abort", reason="internal error", pending_abandoned=len(self.inflight),
+        self._reject(name, fp, f"internal error while folding ({type(exc).__name__}: {exc}); "
+                               "see the daemon log", None, detail=tb)
+        pending = self.ing.pending
+        if pending == len(self.inflight):
+            return None  # the batch is intact
+        if pending == 0:
+            event(logging.WARNING, "requeue", files=len(self.inflight),
+                  note="uncommitted batch dropped by the core; folding those files again")
+            for inf in self.inflight.values():
+                self.inbox.release(inf.name)
+            self.inflight.clear()
+            return None
+        event(logging.ERROR, "abort", reason="internal error", pending_abandoned=pending,
               note="pending warps stay in the inbox and are replayed at the next start")
         self.inflight.clear()
         self.state = "failed"
@@ -619,7 +623,7 @@ class Daemon:
             log.error("%s (it is folded; it will be seen as a duplicate later)", self.last_error)
             self.inbox.forget(name, hold_seconds=60.0)
         else:
-            self.inbox.forget(name)
+            self.inbox.forget(name, removed=True)
             if fsync:
                 _fsync_dir(self.inbox_dir)
                 if not self.cfg.delete_done:
@@ -649,7 +653,7 @@ class Daemon:
             _move(path, target)
             _fsync_dir(self.rejected_dir)
             _fsync_dir(self.inbox_dir)
-            self.inbox.forget(name)
+            self.inbox.forget(name, removed=True)
         except OSError as e:
             self.counts.errors += 1
             self.last_error = f"cannot move {name} to {self.rejected_dir}: {e}"
@@ -843,6 +847,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="make folded warps durable every N warps (default from [run])")
     p.add_argument("--commit-interval", type=float, metavar="S",
                    help="... or at least every S seconds (default from [run])")
+    p.add_argument("--idle-commit", type=float, metavar="S",
+                   help="commit pending warps once nothing new was taken for S seconds "
+                        "(default 1; --commit-every/--commit-interval still apply)")
     p.add_argument("--status-file", metavar="F", help="default STATE/daemon-status.json")
     p.add_argument("--log-file", metavar="F", help="also log to F (logrotate-safe)")
     p.add_argument("--log-json", action="store_true", default=None,
@@ -851,8 +858,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="at SIGTERM/SIGINT commit pending warps (default) or leave them in "
                         "the inbox")
     p.add_argument("--config", metavar="TOML",
-                   help="config file with [daemon] and [run] tables "
-                        "(default: $STREAMCOADD_CONFIG, else built-in defaults)")
+                   help="settings file with [daemon] and [run] tables "
+                        "(default: config/streamcoadd.toml, else built-in defaults)")
     p.set_defaults(func=handler)
     return p
 
@@ -874,9 +881,9 @@ def _run_config(run: dict, args):
 
 
 def build_config(args) -> tuple[DaemonConfig, object]:
-    cfg, run = load_config(_config_file(getattr(args, "config", None)))
+    cfg, run = load_config(getattr(args, "config", None))
     for name in ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
-                 "until_idle", "status_file", "log_file", "on_stop", "delete_done"):
+                 "until_idle", "idle_commit", "status_file", "log_file", "on_stop", "delete_done"):
         v = getattr(args, name, None)
         if v is not None:
             setattr(cfg, name, v)
@@ -901,8 +908,7 @@ def handler(args) -> int:
     try:
         return d.run()
     except StateLocked as e:
-        print(f"streamcoadd watch: {e} (another daemon is already running on "
-              f"{args.state}?)", file=sys.stderr)
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
         return EXIT_LOCKED
     except UserError as e:
         print(f"streamcoadd watch: {e}", file=sys.stderr)

@@ -122,6 +122,8 @@ class Inbox:
         self.scans = 0
         self.files_in_inbox = 0  # matching files seen by the last full scan
         self._last_restart_try = 0.0
+        self._now = time.monotonic()
+        self.handler = _Hints(self)
 
     # ------------------------------------------------------------------ observer
     def _new_observer(self):
@@ -145,7 +147,7 @@ class Inbox:
 
     def _start_observer(self) -> None:
         obs = self._new_observer()
-        obs.schedule(_Hints(self), str(self.path), recursive=False)
+        obs.schedule(self.handler, str(self.path), recursive=False)
         try:
             obs.start()
         except OSError as e:
@@ -157,7 +159,7 @@ class Inbox:
             self.poll = 2.0
             self.observer_kind = "polling (fallback)"
             obs = self._new_observer()
-            obs.schedule(_Hints(self), str(self.path), recursive=False)
+            obs.schedule(self.handler, str(self.path), recursive=False)
             obs.start()
         self.observer = obs
 
@@ -259,6 +261,7 @@ class Inbox:
                         name, " ".join(self.patterns))
 
     def _track(self, name: str, renamed: bool, st: os.stat_result | None = None) -> None:
+        from_hint = st is None
         c = self._cands.get(name)
         if c is not None:
             if renamed and c.state == WAITING:
@@ -269,7 +272,7 @@ class Inbox:
             return
         hold = self._holds.get(name)
         if hold is not None:
-            if time.monotonic() < hold:
+            if self._now < hold:
                 return
             del self._holds[name]
         if st is None:
@@ -280,7 +283,9 @@ class Inbox:
         if not stat_mod.S_ISREG(st.st_mode):
             return
         self._seq += 1
-        c = Candidate(name, WAITING, st.st_size, st.st_mtime_ns, st.st_ino, time.monotonic(),
+        if from_hint:
+            self.files_in_inbox += 1  # kept up to date between scans
+        c = Candidate(name, WAITING, st.st_size, st.st_mtime_ns, st.st_ino, self._now,
                       self._seq)
         self._cands[name] = c
         self._n[WAITING] += 1
@@ -298,7 +303,7 @@ class Inbox:
             with os.scandir(self.path) as it:
                 for de in it:
                     try:
-                        if not de.is_file(follow_symlinks=False):
+                        if not de.is_file():  # symlinks to files are taken too
                             continue
                     except OSError:
                         continue
@@ -309,7 +314,7 @@ class Inbox:
                     if de.name in self._cands:
                         continue
                     try:
-                        st = de.stat(follow_symlinks=False)
+                        st = de.stat()
                     except OSError:
                         continue
                     found.append((st.st_mtime_ns, de.name, st))
@@ -346,6 +351,7 @@ class Inbox:
     def refresh(self, now: float | None = None) -> None:
         """Consume hints, rescan if due, and promote files that became stable."""
         now = time.monotonic() if now is None else now
+        self._now = now
         with self._lock:
             hints = list(self._hints)
             self._hints.clear()
@@ -392,12 +398,15 @@ class Inbox:
             return name
         return None
 
-    def forget(self, name: str, hold_seconds: float = 0.0) -> None:
-        """The file left the inbox (or must be looked at afresh). With ``hold_seconds`` the
-        name is not taken again before that time (a file that could not be moved away)."""
+    def forget(self, name: str, hold_seconds: float = 0.0, removed: bool = False) -> None:
+        """The file left the inbox (``removed``) or must be looked at afresh. With
+        ``hold_seconds`` the name is not taken again before that time (a file that could not
+        be moved away)."""
         self._drop(name)
+        if removed:
+            self.files_in_inbox = max(0, self.files_in_inbox - 1)
         if hold_seconds > 0:
-            self._holds[name] = time.monotonic() + hold_seconds
+            self._holds[name] = self._now + hold_seconds
 
     def release(self, name: str) -> None:
         """A TAKEN file goes back to READY (e.g. the daemon stopped before submitting it)."""
@@ -412,6 +421,7 @@ class Inbox:
         n = self._n
         return {"waiting": n[WAITING], "ready": n[READY], "taken": n[TAKEN],
                 "in_inbox": max(self.files_in_inbox, len(self._cands)),
+                "tracked_max": self.max_tracked,
                 "backlog_untracked": self._backlog}
 
     def has_untaken(self) -> bool:
