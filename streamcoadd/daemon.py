@@ -453,6 +453,8 @@ class Daemon:
             name = self.inbox.next_ready()
             if name is not None:
                 idle_since = None
+                if self.state == "idle":
+                    self._set_state("running")
                 code = self._take(name)
                 if code is not None:
                     return code

@@ -45,9 +45,11 @@ def cli(*args, **kw):
 
 
 def make_state(tmp: Path) -> Path:
+    from streamcoadd.config import FoldConfig
+    from streamcoadd.state import StateStore
+
     state = tmp / "state"
-    r = cli("init", state, "--skymap", SKYMAP)
-    assert r.returncode == 0, r.stderr
+    StateStore.create(state, load_skymap(SKYMAP), FoldConfig())
     return state
 
 
@@ -497,3 +499,43 @@ def test_inbox_dropped_hints_trigger_rescan(tmp_path):
         assert ib.scans >= 2
     finally:
         ib.stop()
+
+
+def test_systemd_notify(area, tmp_path):
+    """Type=notify and WatchdogSec: READY=1 once watching, WATCHDOG=1 pings, STOPPING=1."""
+    import socket as so
+
+    state, inbox, tmp = area
+    addr = str(tmp / "notify.sock")
+    sock = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    sock.bind(addr)
+    sock.settimeout(0.2)
+    e = env()
+    e["NOTIFY_SOCKET"] = addr
+    e["WATCHDOG_USEC"] = "400000"
+    p = subprocess.Popen([sys.executable, "-m", "streamcoadd", "watch", str(state), "--inbox",
+                          str(inbox), *FAST], cwd=REPO, env=e, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    msgs = []
+    try:
+        t = time.monotonic() + 20
+        while time.monotonic() < t and sum("WATCHDOG=1" in m for m in msgs) < 2:
+            try:
+                msgs.append(sock.recv(4096).decode())
+            except so.timeout:
+                pass
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0, p.stderr.read()
+        t = time.monotonic() + 5
+        while time.monotonic() < t and not any("STOPPING=1" in m for m in msgs):
+            try:
+                msgs.append(sock.recv(4096).decode())
+            except so.timeout:
+                pass
+    finally:
+        if p.poll() is None:
+            p.kill()
+        sock.close()
+    assert "READY=1" in msgs[0] and f"MAINPID={p.pid}" in msgs[0]
+    assert sum("WATCHDOG=1" in m for m in msgs) >= 2
+    assert any("STOPPING=1" in m for m in msgs)
