@@ -580,8 +580,9 @@ class Daemon:
         wid = getattr(o, "warp_id", None) if o is not None else None
         d = {"file": name,
              "visit": getattr(wid, "visit", None), "detector": getattr(wid, "detector", None),
-             "band": getattr(o, "band", None) if o is not None else None,
-             "cells": getattr(o, "cells", None) if o is not None else None,
+             "band": (getattr(o, "band", None) or None) if o is not None else None,
+             "cells": (getattr(o, "cells", None) if outcome != "rejected" else None)
+             if o is not None else None,
              "ms": round(float(getattr(o, "ms", 0.0) or 0.0), 1) if o is not None else None,
              "outcome": outcome}
         if reason:
