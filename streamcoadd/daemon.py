@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .errors import UserError
@@ -369,7 +369,6 @@ class Daemon:
         self.ing = None
         self.inbox = None
         self.notify = _SdNotify()
-        self._in_commit = False
         self._last_take = 0.0
 
     # ---------------------------------------------------------------- setup
@@ -669,7 +668,6 @@ class Daemon:
     def _commit(self, why: str) -> int | None:
         n = self.ing.pending
         t = time.monotonic()
-        self._in_commit = True
         try:
             outcomes = self.ing.commit()
         except OSError as e:
@@ -687,8 +685,6 @@ class Daemon:
             self.inflight.clear()
             self.state = "failed"
             return EXIT_SOFTWARE
-        finally:
-            self._in_commit = False
         dt = time.monotonic() - t
         self.counts.commits += 1
         seen = set()

@@ -56,12 +56,14 @@ def make_state(tmp: Path) -> Path:
 class Daemon:
     """`streamcoadd watch` in a subprocess; stderr (the log) goes to a file."""
 
-    def __init__(self, state: Path, inbox: Path, *args, log: Path | None = None):
+    def __init__(self, state: Path, inbox: Path, *args, log: Path | None = None,
+                 extra_env: dict | None = None):
         self.log = log or inbox.parent / f"daemon-{time.monotonic_ns()}.log"
         self._f = open(self.log, "w")
         self.p = subprocess.Popen(
             [sys.executable, "-m", "streamcoadd", "watch", str(state), "--inbox", str(inbox),
-             *map(str, args)], cwd=REPO, env=env(), stdout=self._f, stderr=subprocess.STDOUT)
+             *map(str, args)], cwd=REPO, env={**env(), **(extra_env or {})}, stdout=self._f,
+            stderr=subprocess.STDOUT)
         self.status_file = state / "daemon-status.json"
 
     def status(self) -> dict | None:
@@ -597,3 +599,27 @@ def test_daemon_with_restart_equals_batch(area, daemons, tmp_path):
                 ok = np.isfinite(x)
                 assert np.array_equal(ok, np.isfinite(y))
                 np.testing.assert_allclose(y[ok], x[ok], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("point", ["cells-durable:3", "manifest-committed:3"])
+def test_crash_inside_commit_then_restart(area, daemons, point):
+    """kill -9 inside the 3rd commit (core crash points): before the commit point the batch
+    is refolded, after it the files are still in the inbox but already durable."""
+    state, inbox, tmp = area
+    n = 20
+    for v in range(n):
+        (inbox / f"k{v:02d}.fits").write_bytes(warp_bytes(v))
+    d = daemons(state, inbox, *FAST, "--commit-every", "4",
+                extra_env={"STREAMCOADD_CRASH_AT": point})
+    assert d.wait(60) == -signal.SIGKILL, d.text()
+    assert len(list(inbox.glob("*.fits"))) == n - 8  # two batches of 4 left the inbox
+    d2 = daemons(state, inbox, *FAST, "--commit-every", "4", "--until-idle", "1")
+    assert d2.wait(60) == 0, d2.text()
+    assert not list(inbox.glob("*.fits"))
+    assert_once(state, {(v, 1) for v in range(n)})
+    with streamcoadd.open_state(state) as st:
+        statuses = collections.Counter(st.warps()["status"])
+    if statuses != {"folded": n}:
+        # the contributions are right (checked above), but the core's replay of a batch
+        # whose manifest committed before the ledger recorded it reports no_cells
+        pytest.xfail(f"core: ledger after replay says {dict(statuses)} (see report)")
