@@ -85,6 +85,9 @@ def write_cell_file(path: Path, acc: CellAccumulator, band: str, generation: int
             pg = g.create_group("planes")
             for pname, arr in sums.planes.items():
                 _dataset(pg, pname, arr)
+            bg = g.create_group("bit_counts")
+            for bit, arr in sums.bit_counts.items():
+                _dataset(bg, str(bit), arr)
             _dataset(g, "contributors", contributors_to_array(sums.contributors))
     crash_point("cell-tmp-written")
     fsync_file(tmp)
@@ -115,5 +118,6 @@ def read_cell_file(path: Path) -> tuple[CellAccumulator, dict]:
                 **{ds: g[ds][()] for ds in PLANE_DATASETS},
                 noise=g["noise"][()], psf_sum=g["psf_sum"][()], psf_w=float(g.attrs["psf_w"]),
                 planes={k: v[()] for k, v in g["planes"].items()},
+                bit_counts={int(k): v[()] for k, v in g["bit_counts"].items()},
                 contributors=contributors_from_array(g["contributors"][()]))
     return acc, attrs

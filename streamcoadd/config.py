@@ -5,7 +5,10 @@ Defaults live in ``config/streamcoadd.toml``; every key is optional there.
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 

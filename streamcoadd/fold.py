@@ -54,9 +54,18 @@ class PreparedWarp:
     or_mask: np.ndarray
     planes: dict[str, np.ndarray]
 
+    _moments: dict = field(default_factory=dict)
+
     @property
     def box(self) -> Box:
         return self.warp.box
+
+    def moments(self, centre: tuple[int, int], stamp: np.ndarray) -> tuple:
+        """PSF moments of the stamp used at ``centre``, computed once per distinct stamp."""
+        key = self.warp.psf.index_at(*centre)
+        if key not in self._moments:
+            self._moments[key] = psf_moments(stamp)
+        return self._moments[key]
 
 
 def warp_weight(warp: Warp, config: FoldConfig) -> float:
@@ -110,27 +119,29 @@ def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
     if not bad.any():
         return out
     good = valid & ~bad
-    rows = np.flatnonzero(bad.any(axis=1))
-    g = good[rows]
-    w = g.shape[1]
-    cols = np.arange(w)
-    left = np.maximum.accumulate(np.where(g, cols, -1), axis=1)
-    right = np.minimum.accumulate(np.where(g, cols, w)[:, ::-1], axis=1)[:, ::-1]
-    r_idx, xs = np.nonzero(bad[rows])
-    ys = rows[r_idx]
-    lx, rx = left[r_idx, xs], right[r_idx, xs]
-    has_l, has_r = lx >= 0, rx < w
+    w = good.shape[1]
+    good_flat = np.flatnonzero(good)
+    bad_flat = np.flatnonzero(bad)
+    ys, xs = np.divmod(bad_flat, w)
+    nxt = np.searchsorted(good_flat, bad_flat)  # first good pixel after each bad one
+    has_l = nxt > 0
+    has_r = nxt < good_flat.size
+    lflat = good_flat[np.maximum(nxt - 1, 0)] if good_flat.size else bad_flat
+    rflat = good_flat[np.minimum(nxt, good_flat.size - 1)] if good_flat.size else bad_flat
+    has_l &= lflat // w == ys  # the neighbour must be on the same row
+    has_r &= rflat // w == ys
+    lx, rx = lflat % w, rflat % w
     lxc, rxc = np.where(has_l, lx, rx), np.where(has_r, rx, lx)
     frac = np.where(has_l & has_r, (xs - lxc) / np.maximum(rxc - lxc, 1), 0.0)
+    src_y = ys.copy()
     orphan = ~(has_l | has_r)
     if orphan.any():
+        if not good_flat.size:
+            return out  # nothing to interpolate from: the bad pixels keep their values
         _, (ny, nx) = ndimage.distance_transform_edt(~good, return_indices=True)
         oy, ox = ys[orphan], xs[orphan]
         lxc[orphan] = rxc[orphan] = nx[oy, ox]
-        src_y = ys.copy()
         src_y[orphan] = ny[oy, ox]
-    else:
-        src_y = ys
     for o in out:
         lv = o[src_y, lxc].astype(np.float64)
         rv = o[src_y, rxc].astype(np.float64)
@@ -178,6 +189,7 @@ class CellSums:
     psf_sum: np.ndarray
     psf_w: float = 0.0
     planes: dict[str, np.ndarray] = field(default_factory=dict)
+    bit_counts: dict[int, np.ndarray] = field(default_factory=dict)  # bit -> int32 count
     contributors: list[Contributor] = field(default_factory=list)
 
     @classmethod
@@ -191,7 +203,7 @@ class CellSums:
     @property
     def nbytes(self) -> int:
         arrays = [self.sum_w, self.sum_wI, self.sum_w2var, self.sum_w_interp, self.mask_or,
-                  self.noise, self.psf_sum, *self.planes.values()]
+                  self.noise, self.psf_sum, *self.planes.values(), *self.bit_counts.values()]
         return sum(a.nbytes for a in arrays)
 
 
@@ -281,7 +293,7 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
     stamp = resize_stamp(pw.warp.psf.at(*cin.centre), config.psf_size)
     sums.psf_sum += w * stamp
     sums.psf_w += float(w)
-    ixx, iyy, ixy, flag = psf_moments(stamp)
+    ixx, iyy, ixy, flag = pw.moments(cin.centre, stamp)
     wp = pw.warp
     sums.contributors.append(Contributor(
         visit=wp.id.visit, detector=wp.id.detector, weight=float(w),
@@ -291,18 +303,41 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
         physical_filter=wp.physical_filter, mjd=wp.mjd))
 
 
-def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box) -> None:
-    """Per-pixel sums over the part of the cell outer box that the warp covers."""
+def unfold_cell(acc: CellAccumulator, content_hash: str, pw: PreparedWarp,
+                centre: tuple[int, int], config: FoldConfig) -> bool:
+    """Remove one warp's contribution from a cell (retraction); the inverse of
+    :func:`fold_cell`. Returns False if the warp is not a contributor of the cell.
+    A group left without inputs is dropped whole, so it is exactly as if never folded."""
+    for name, sums in list(acc.groups.items()):
+        rows = [c for c in sums.contributors if c.content_hash == content_hash]
+        if not rows:
+            continue
+        sums.contributors = [c for c in sums.contributors if c.content_hash != content_hash]
+        if not sums.contributors:
+            del acc.groups[name]
+            return True
+        accumulate_pixels(sums, pw, acc.outer, sign=-1)
+        w = np.float64(rows[0].weight)
+        sums.psf_sum -= w * resize_stamp(pw.warp.psf.at(*centre), config.psf_size)
+        sums.psf_w -= float(w)
+        return True
+    return False
+
+
+def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 1) -> None:
+    """Per-pixel sums over the part of the cell outer box that the warp covers
+    (``sign = -1`` subtracts them again)."""
     part = outer.intersection(pw.box)
     ws = part.slices(pw.warp.xy0)
     cs = part.slices((outer.x0, outer.y0))
     w = np.float64(pw.weight)
+    ws_ = np.float64(sign) * w  # signed weight
     valid = pw.valid[ws]
     if valid.all():
-        wv = w  # the common case: a scalar weight over the whole box
-        sums.sum_w[cs] += w
+        wv = ws_  # the common case: a scalar weight over the whole box
+        sums.sum_w[cs] += ws_
     else:
-        wv = valid * w
+        wv = valid * ws_
         sums.sum_w[cs] += wv
     tmp = np.empty(part.shape, np.float64)
     np.multiply(pw.image[ws], wv, out=tmp)
@@ -314,12 +349,31 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box) -> None:
         sums.noise[k][cs] += tmp
     bad = pw.bad[ws]
     if bad.any():
-        sums.sum_w_interp[cs] += bad * w
+        sums.sum_w_interp[cs] += bad * ws_
     for name, plane in pw.planes.items():
         p = plane[ws]
         if p.any():
             arr = sums.planes.get(name)
             if arr is None:
                 arr = sums.planes[name] = np.zeros(outer.shape, np.float64)
-            arr[cs] += p * w
-    sums.mask_or[cs] |= pw.or_mask[ws]
+            arr[cs] += p * ws_
+    or_mask = pw.or_mask[ws]
+    bits = int(np.bitwise_or.reduce(or_mask, axis=None))
+    if not bits:
+        return
+    # Per-bit input counts make the OR reversible (retraction).
+    for bit in range(32):
+        if bits >> bit & 1:
+            cnt = sums.bit_counts.get(bit)
+            if cnt is None:
+                cnt = sums.bit_counts[bit] = np.zeros(outer.shape, np.int32)
+            cnt[cs] += sign * ((or_mask >> bit) & 1)
+    if sign > 0:
+        sums.mask_or[cs] |= or_mask
+    else:
+        sums.mask_or[...] = 0
+        for bit, cnt in list(sums.bit_counts.items()):
+            if cnt.any():
+                sums.mask_or |= (cnt > 0).astype(np.int32) << bit
+            else:
+                del sums.bit_counts[bit]

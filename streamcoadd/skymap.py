@@ -14,7 +14,10 @@ Identifiers and boxes are frozen dataclasses so indices never travel as loose tu
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator

@@ -45,6 +45,10 @@ class StateLocked(UserError):
     """Another process holds the state's writer lock."""
 
 
+class ShardConflict(RuntimeError):
+    """Another writer committed the shard since it was loaded (shard-locking mode)."""
+
+
 @dataclass
 class Shard:
     """One (patch, band): its committed manifest and the cells held in memory."""
@@ -58,7 +62,12 @@ class Shard:
     cells: dict[CellId, CellAccumulator] = field(default_factory=dict)
     dirty: set[CellId] = field(default_factory=set)
     pending_warps: dict[str, tuple[int, int]] = field(default_factory=dict)
+    removed_warps: set[str] = field(default_factory=set)  # retracted in this commit
     last_used: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.dirty or self.pending_warps or self.removed_warps)
 
     @property
     def nbytes(self) -> int:
@@ -79,17 +88,20 @@ class StateStore:
     """A state directory opened for reading, or for writing by exactly one process."""
 
     def __init__(self, root: Path, skymap: SkyMap, fold: FoldConfig, meta: dict,
-                 write: bool):
+                 write: bool, shard_locking: bool = False):
         self.root = root
         self.skymap = skymap
         self.fold = fold
         self.meta = meta
         self.write = write
+        # shard_locking: a worker of a distributed run. No state lock and no ledger
+        # writes; each shard commit happens under the shard's own lock, compare-and-swap.
+        self.shard_locking = shard_locking
         self._lock_fd = None
         self.shards: dict[tuple[PatchId, str], Shard] = {}
-        if write:
+        if write and not shard_locking:
             self._take_lock()
-        self.ledger = Ledger(root / "ledger.sqlite", write=write)
+        self.ledger = Ledger(root / "ledger.sqlite", write=write and not shard_locking)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -110,7 +122,8 @@ class StateStore:
         return root
 
     @classmethod
-    def open(cls, root: str | Path, write: bool = False) -> "StateStore":
+    def open(cls, root: str | Path, write: bool = False,
+             shard_locking: bool = False) -> "StateStore":
         root = Path(root)
         try:
             meta = json.loads((root / "state.json").read_text())
@@ -126,8 +139,8 @@ class StateStore:
                              f"supported by this streamcoadd (needs {STATE_VERSION})")
         skymap = skymap_from_dict(meta["skymap"], f"{root}/state.json")
         fold = FoldConfig.from_dict(meta["fold"])
-        store = cls(root, skymap, fold, meta, write)
-        if write:
+        store = cls(root, skymap, fold, meta, write, shard_locking)
+        if write and not shard_locking:
             store.recover()
         return store
 
@@ -220,18 +233,23 @@ class StateStore:
             tmp.unlink()
             removed.append(tmp)
         for patch, band in self.shard_keys():
-            d = self.shard_dir(patch, band)
-            manifest = self.read_manifest(patch, band) or {"cells": {}}
-            live = {f"c{k}.g{g}.h5" for k, g in manifest["cells"].items()}
-            for f in d.glob("c*.h5"):
-                if f.name not in live:
-                    f.unlink()
-                    removed.append(f)
+            removed += self._recover_shard(patch, band)
         for d in (self.root / "shards").glob("t*/p*/*"):
             if d.is_dir() and not (d / "manifest.json").exists():
                 for f in d.glob("c*.h5"):
                     f.unlink()
                     removed.append(f)
+        return removed
+
+    def _recover_shard(self, patch: PatchId, band: str) -> list[Path]:
+        d = self.shard_dir(patch, band)
+        manifest = self.read_manifest(patch, band) or {"cells": {}}
+        live = {f"c{k}.g{g}.h5" for k, g in manifest["cells"].items()}
+        removed = []
+        for f in [*d.glob("c*.h5"), *d.glob("*.tmp")]:
+            if f.name not in live:
+                f.unlink()
+                removed.append(f)
         return removed
 
     def shard(self, patch: PatchId, band: str) -> Shard:
@@ -271,13 +289,13 @@ class StateStore:
         the middle of a fold: the inbox still holds those warps)."""
         for key in list(self.shards):
             s = self.shards[key]
-            if s.dirty or s.pending_warps:
+            if s.changed:
                 del self.shards[key]
 
     def commit(self) -> None:
         """Make every dirty shard durable (see the module docstring for the protocol)."""
         for shard in self.shards.values():
-            if shard.dirty or shard.pending_warps:
+            if shard.changed:
                 self._commit_shard(shard)
         self.trim_cache(self.cache_bytes)
 
@@ -286,21 +304,43 @@ class StateStore:
     def _commit_shard(self, shard: Shard) -> None:
         d = shard.directory
         d.mkdir(parents=True, exist_ok=True)
+        if not self.shard_locking:
+            return self._write_shard(shard)
+        fd = os.open(d / "shard.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            manifest = self.read_manifest(shard.patch, shard.band)
+            on_disk = int(manifest["commit"]) if manifest else 0
+            if on_disk != shard.commit:
+                raise ShardConflict(f"{shard.patch} band {shard.band}: committed by another "
+                                    f"writer (commit {on_disk}, expected {shard.commit})")
+            self._recover_shard(shard.patch, shard.band)
+            self._write_shard(shard)
+        finally:
+            os.close(fd)
+
+    def _write_shard(self, shard: Shard) -> None:
+        d = shard.directory
         gen = shard.commit + 1
         tract = self.skymap.tract(shard.patch.tract)
-        old = {}
+        cell_gens = dict(shard.cell_gens)
+        superseded = []
         for cell in sorted(shard.dirty):
             acc = shard.cells[cell]
-            write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
-                            tract.cell_inner_box(cell))
             key = (cell.x, cell.y)
-            if key in shard.cell_gens:
-                old[key] = shard.cell_gens[key]
+            if key in cell_gens:
+                superseded.append(d / self.cell_filename(cell, cell_gens[key]))
+            if acc.groups:
+                write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
+                                tract.cell_inner_box(cell))
+                cell_gens[key] = gen
+            else:  # emptied by a retraction
+                cell_gens.pop(key, None)
+                del shard.cells[cell]
         fsync_dir(d)
         crash_point("cells-durable")
-        cell_gens = dict(shard.cell_gens)
-        cell_gens.update({(c.x, c.y): gen for c in shard.dirty})
-        warps = {**shard.warps, **shard.pending_warps}
+        warps = {h: v for h, v in {**shard.warps, **shard.pending_warps}.items()
+                 if h not in shard.removed_warps}
         manifest = {
             "format": "streamcoadd-shard", "version": STATE_VERSION,
             "tract": shard.patch.tract, "patch": [shard.patch.x, shard.patch.y],
@@ -313,9 +353,10 @@ class StateStore:
         shard.commit, shard.cell_gens, shard.warps = gen, cell_gens, warps
         shard.dirty.clear()
         shard.pending_warps = {}
-        for (x, y), g in old.items():
+        shard.removed_warps = set()
+        for f in superseded:
             try:
-                (d / f"c{x}-{y}.g{g}.h5").unlink()
+                f.unlink()
             except FileNotFoundError:
                 pass
 

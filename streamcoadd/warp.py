@@ -50,12 +50,15 @@ class PsfModel:
     stamps: np.ndarray
     positions: np.ndarray | None
 
-    def at(self, x: float, y: float) -> np.ndarray:
-        """The stamp nearest to tract pixel (x, y) (the grid is not interpolated)."""
+    def index_at(self, x: float, y: float) -> int:
+        """Index of the stamp nearest to tract pixel (x, y) (the grid is not interpolated)."""
         if self.positions is None:
-            return self.stamps[0]
+            return 0
         d2 = (self.positions[:, 0] - x) ** 2 + (self.positions[:, 1] - y) ** 2
-        return self.stamps[int(np.argmin(d2))]
+        return int(np.argmin(d2))
+
+    def at(self, x: float, y: float) -> np.ndarray:
+        return self.stamps[self.index_at(x, y)]
 
 
 @dataclass
