@@ -611,6 +611,7 @@ class Daemon:
             event(logging.WARNING, "changed", file=name,
                   note="file changed in the inbox while folding; it will be looked at again")
             self.inbox.forget(name)
+            self.inbox.request_rescan()
             self._record(f)
             event(logging.INFO, "warp", **f)
             return
@@ -638,6 +639,7 @@ class Daemon:
         f = self._fields(name, o, "rejected", reason)
         if not self._still_same(path, fp):
             self.inbox.forget(name)
+            self.inbox.request_rescan()
             event(logging.WARNING, "warp", **f, note="file changed or vanished meanwhile")
             return
         target = _unique_target(self.rejected_dir, name)

@@ -298,7 +298,7 @@ class Inbox:
         self.scans += 1
         room = self.max_tracked - len(self._cands)
         found: list[tuple[int, str, os.stat_result]] = []
-        n = 0
+        n = untracked = 0
         try:
             with os.scandir(self.path) as it:
                 for de in it:
@@ -313,10 +313,14 @@ class Inbox:
                     n += 1
                     if de.name in self._cands:
                         continue
+                    hold = self._holds.get(de.name)
+                    if hold is not None and self._now < hold:
+                        continue
                     try:
                         st = de.stat()
                     except OSError:
                         continue
+                    untracked += 1
                     found.append((st.st_mtime_ns, de.name, st))
                     if len(found) > 4 * max(room, 1) + 1000:  # keep memory bounded
                         found = heapq.nsmallest(max(room, 0), found)
@@ -326,7 +330,7 @@ class Inbox:
             return
         self.files_in_inbox = n
         chosen = heapq.nsmallest(max(room, 0), found)
-        self._backlog = len(found) > len(chosen)
+        self._backlog = untracked > len(chosen)
         for _, name, st in chosen:
             self._track(name, False, st)
         # forget tracked names that are gone (deleted or moved away by someone else)
