@@ -54,7 +54,7 @@ EXIT_TEMPFAIL = 75  # I/O error while committing (disk full, ...): retry later
 # ---------------------------------------------------------------------------- configuration
 @dataclass
 class DaemonConfig:
-    """The ``[daemon]`` table (``config/daemon.toml``); command-line options override it."""
+    """The ``[daemon]`` table (``config/streamcoadd.toml``); command-line options override it."""
 
     inbox: str = ""
     done: str = ""  # default: a sibling of the inbox named "done"
