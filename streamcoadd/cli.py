@@ -104,7 +104,7 @@ def cmd_ingest(args) -> int:
     rejected = []
     t0 = time.perf_counter()
     with StateStore.open(args.state, write=True) as store:
-        ing = Ingestor(store, run_config(args))
+        ing = Ingestor(store, run_config(args), allow_refold=args.allow_refold)
         bar = _progress(len(files), args.quiet)
         try:
             for f in files:
@@ -129,6 +129,19 @@ def cmd_ingest(args) -> int:
     for o in rejected:
         print(f"  rejected {o.path}: {o.reason}")
     return 1 if rejected else 0
+
+
+def cmd_retract(args) -> int:
+    from .retract import retract
+    from .state import StateStore
+
+    with StateStore.open(args.state, write=True) as store:
+        rep = retract(store, args.visit, args.detector, args.tract, args.reason,
+                      args.file, args.search)
+    for r in rep.warps:
+        print(f"retracted visit {r.visit} detector {r.detector} (tract {r.tract}, band {r.band})")
+    print(f"{len(rep.warps)} warp(s) retracted from {rep.cells} cell(s)")
+    return 0
 
 
 # ---------------------------------------------------------------------- finalize
@@ -183,13 +196,9 @@ def status_report(st) -> dict:
                        "cells_populated": len(m["cells"]), "warps": len(m["warps"]),
                        "commits": m.get("commit", 0), "updated": m.get("updated")})
     depth = [s["warps"] for s in shards]
-    daemon = None
-    status_file = st.root / "daemon-status.json"
-    if status_file.exists():
-        try:
-            daemon = json.loads(status_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            daemon = {"error": "status file unreadable"}
+    from .daemon import read_status
+
+    daemon = read_status(st.root)
     last = max((w.at for w in warps), default=None)
     return {"state": str(st.root), "skymap": st.skymap.name, "warps": by_status,
             "rejected": len(ledger.rejections()), "last_activity": last,
@@ -223,9 +232,12 @@ def cmd_status(args) -> int:
                   f"{s['cells_populated']:>6} {s['warps']:>6} {s['commits']:>8}  {_ago(s['updated'])}")
     else:
         print("no cell populated yet")
-    d = rep["daemon"]
-    if d:
-        print("daemon: " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list))))
+    if rep["daemon"]:
+        from .daemon import format_status
+
+        print(format_status(rep["daemon"]))
+    for kind, detail, at in rep["events"]:
+        print(f"{_ago(at)}  {kind}: {detail}")
     return 0
 
 
@@ -248,7 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--commit-every", type=int, dest="commit_every",
                    help="warps folded in memory per durable commit")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--allow-refold", action="store_true",
+                   help="fold again warps that were retracted")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("retract", help="remove a visit's contribution from every cell")
+    s.add_argument("state")
+    s.add_argument("--visit", type=int, required=True)
+    s.add_argument("--detector", type=int)
+    s.add_argument("--tract", type=int)
+    s.add_argument("--reason", default="", help="logged in the state (status shows it)")
+    s.add_argument("--file", action="append", default=[],
+                   help="the warp file, if it is no longer where it was folded from")
+    s.add_argument("--search", action="append", default=[],
+                   help="directory to look for the warp file in (e.g. done/)")
+    s.set_defaults(func=cmd_retract)
 
     s = sub.add_parser("finalize", help="write coadd FITS files from the state")
     s.add_argument("state")

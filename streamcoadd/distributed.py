@@ -81,8 +81,10 @@ class _Changed(Exception):
 def _worker_store(root: str):
     """This thread's worker store of ``root`` (shard-locking mode), kept between tasks so
     that a shard's accumulators stay in memory when its next task lands on the same worker."""
+    from .memory import retain_freed_memory
     from .state import StateStore
 
+    retain_freed_memory()  # workers allocate and free a warp's arrays again and again
     st = os.stat(os.path.join(root, "state.json"))
     ident = (st.st_dev, st.st_ino, st.st_mtime_ns)  # a state re-created at the same path
     key = (threading.get_ident(), root)
@@ -104,7 +106,7 @@ def _fresh_shard(store, patch: PatchId, band: str):
     if cached is not None:
         manifest = store.read_manifest(patch, band)
         on_disk = int(manifest["commit"]) if manifest else 0
-        if on_disk != cached.commit or cached.dirty or cached.pending_warps:
+        if on_disk != cached.commit or cached.changed:
             del store.shards[key]
             cached = None
     return store.shard(patch, band), cached is not None
@@ -209,7 +211,7 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
         try:
             results = [_fold_one(store, shard, tract, p, h, prepared_cache_bytes)
                        for p, h in warps]
-            if shard.dirty or shard.pending_warps:
+            if shard.changed:
                 store.commit()  # only this shard is dirty in this thread's store
             return {"shard": shard_key, "results": results, "commit": shard.commit,
                     "attempts": attempt, "pid": os.getpid(), "host": os.uname().nodename,
@@ -253,9 +255,11 @@ def _probe(path: str, data: bytes, store) -> _Probe:
     odd falls back to the full reader, whose rejection message is the reference one."""
     from astropy.io import fits
 
-    from .warp import _int_key
+    from .warp import _gunzip, _int_key
 
     try:
+        if data[:2] == b"\x1f\x8b":  # .fits.gz: the hash is of the file as delivered
+            data = _gunzip(path, data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=True) as hdul:
@@ -318,7 +322,7 @@ class DistributedIngestor:
 
     def __init__(self, store, run: RunConfig = RunConfig(), client=None, *,
                  batch: int | None = None, max_batch: int | None = None, retries: int = 3,
-                 prepared_cache_gb: float = 0.5):
+                 prepared_cache_gb: float = 0.5, allow_refold: bool = False):
         if not store.write or store.shard_locking:
             raise ValueError("the coordinator needs the state opened by its single writer")
         if client is None:
@@ -332,6 +336,7 @@ class DistributedIngestor:
         self.batch = max(1, batch or run.commit_every)
         self.max_batch = max(self.batch, max_batch or 4 * self.batch)
         self.retries = retries
+        self.allow_refold = allow_refold  # fold again warps that were retracted
         self.cache_bytes = int(run.cache_gb * 1e9)
         self.prepared_cache_bytes = int(prepared_cache_gb * 1e9)
         self._items: dict[str, _Item] = {}  # by content hash: accepted, not yet final
@@ -420,9 +425,10 @@ class DistributedIngestor:
             return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
                            warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
                            content_hash=h)
-        if rec is not None:
+        if rec is not None and not self.allow_refold:
             raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was "
-                                     "retracted; refold it with 'streamcoadd ingest --allow-refold'")
+                                     "retracted; to fold it again use 'streamcoadd ingest "
+                                     "--allow-refold'")
         if h in self._items:
             o = self._items[h].outcome
             return Outcome(path, "duplicate", reason=f"same content as {o.path}",
@@ -650,7 +656,7 @@ def close(client) -> None:
 
 def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = RunConfig(),
                        *, client=None, batch: int | None = None, retries: int = 3,
-                       progress=None, store=None) -> list[Outcome]:
+                       progress=None, store=None, allow_refold: bool = False) -> list[Outcome]:
     """Fold warp files into ``state`` on a Dask cluster; returns one outcome per file
     (folded, no_cells, duplicate, rejected, or failed = not done, deliver again).
     ``client``: an existing ``distributed.Client`` (else one is made from ``address``).
@@ -672,7 +678,8 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
                 progress(o)
 
     try:
-        ing = DistributedIngestor(store, run_config, client, batch=batch, retries=retries)
+        ing = DistributedIngestor(store, run_config, client, batch=batch, retries=retries,
+                                  allow_refold=allow_refold)
         window = max(4 * ing.max_batch, 64)
         for p in paths:
             o = ing.submit(p)
@@ -734,7 +741,8 @@ def cmd_ingest_dask(args) -> int:
 
     try:
         ingest_distributed(args.state, files, args.dask, rc, batch=args.dask_batch,
-                           retries=args.dask_retries, progress=progress)
+                           retries=args.dask_retries, progress=progress,
+                           allow_refold=getattr(args, "allow_refold", False))
     finally:
         bar.close()
     dt = time.perf_counter() - t0

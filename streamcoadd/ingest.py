@@ -14,6 +14,7 @@ from .config import FoldConfig, RunConfig
 from .errors import WarpRejected
 from .fold import CellInput, PreparedWarp, cell_input, fold_cell, prepare_warp
 from .ledger import WarpRecord
+from .memory import retain_freed_memory
 from .skymap import PatchId, Tract
 from .state import Shard, StateStore
 from .warp import WarpId, _read_bytes, file_hash, read_warp
@@ -37,11 +38,14 @@ class Outcome:
 
 
 class Ingestor:
-    def __init__(self, store: StateStore, run: RunConfig = RunConfig()):
+    def __init__(self, store: StateStore, run: RunConfig = RunConfig(),
+                 allow_refold: bool = False):
         if not store.write:
             raise ValueError("Ingestor needs a state opened for writing")
+        retain_freed_memory()
         self.store = store
         self.run = run
+        self.allow_refold = allow_refold  # fold again warps that were retracted
         store.cache_bytes = int(run.cache_gb * 1e9)
         self._pending: list[Outcome] = []
         self._first_pending_at: float | None = None
@@ -97,9 +101,9 @@ class Ingestor:
             return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
                            warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
                            content_hash=h)
-        if rec is not None:
+        if rec is not None and not self.allow_refold:
             raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was "
-                                     "retracted; refold it with 'streamcoadd ingest --allow-refold'")
+                                     "retracted; to fold it again use 'streamcoadd ingest --allow-refold'")
         for o in self._pending:
             if o.content_hash == h:
                 return Outcome(path, "duplicate", reason=f"same content as {o.path}",
@@ -112,17 +116,21 @@ class Ingestor:
 
         # Plan everything first, so that a rejection leaves memory untouched.
         plan: list[tuple[Shard, list[CellInput]]] = []
+        durable_cells = 0
         for patch in tract.patches_overlapping(warp.box):
             shard = store.shard(patch, warp.band)
             if h in shard.warps:
-                continue  # durable in this shard already (replay after a crash)
+                # Durable in this shard already (replay after a crash): count, don't fold.
+                durable_cells += sum(cell_input(prepared, tract, cell, fold) is not None
+                                     for cell in tract.cells_overlapping(patch, warp.box))
+                continue
             prior = _same_id(shard.warps, warp.id, h) or _same_id(shard.pending_warps, warp.id, h)
             if prior:
                 raise WarpRejected(path, f"{warp.id} is already in the state with different "
                                          "content; retract it first if this is a replacement")
             plan.append((shard, shard_inputs(prepared, tract, patch, fold)))
 
-        n_cells = 0
+        n_cells = durable_cells
         try:
             for shard, inputs in plan:
                 n_cells += fold_into_shard(store, shard, inputs, prepared)
