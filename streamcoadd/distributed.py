@@ -322,7 +322,8 @@ class DistributedIngestor:
 
     def __init__(self, store, run: RunConfig = RunConfig(), client=None, *,
                  batch: int | None = None, max_batch: int | None = None, retries: int = 3,
-                 prepared_cache_gb: float = 0.5, allow_refold: bool = False):
+                 prepared_cache_gb: float = 0.5, allow_refold: bool = False,
+                 log_failures: bool = False, logger: logging.Logger | None = None):
         if not store.write or store.shard_locking:
             raise ValueError("the coordinator needs the state opened by its single writer")
         if client is None:
@@ -337,6 +338,8 @@ class DistributedIngestor:
         self.max_batch = max(self.batch, max_batch or 4 * self.batch)
         self.retries = retries
         self.allow_refold = allow_refold  # fold again warps that were retracted
+        self.log_failures = log_failures  # the daemon: failed warps are logged, not kept
+        self.log = logger or log
         self.cache_bytes = int(run.cache_gb * 1e9)
         self.prepared_cache_bytes = int(prepared_cache_gb * 1e9)
         self._items: dict[str, _Item] = {}  # by content hash: accepted, not yet final
@@ -555,7 +558,7 @@ class DistributedIngestor:
                 raise
             except BaseException as e:  # noqa: BLE001 - failed for good, or cancelled
                 reason = f"shard task failed: {type(e).__name__}: {e}"
-                log.error("shard %s: %s", key, reason)
+                self.log.error("shard %s: %s", key, reason)
                 for h in hashes:
                     self._items[h].errors[key] = reason
             else:
@@ -596,7 +599,11 @@ class DistributedIngestor:
                 o.status = "failed"
                 o.reason = "; ".join(sorted(set(it.errors.values()) | set(reasons))) + \
                     " (not done: deliver the file again; shards that hold it skip it)"
-                self.failed.append(o)
+                if self.log_failures:
+                    self.log.error("%s not folded: %s; it stays in the inbox and is taken "
+                                   "again", o.path, o.reason)
+                else:
+                    self.failed.append(o)
                 continue
             if statuses == {"rejected"}:
                 o.status, o.reason = "rejected", reasons[0]
@@ -756,17 +763,52 @@ def cmd_ingest_dask(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_watch_dask(args) -> int:
+    """``streamcoadd watch ... --dask ADDRESS``: the daemon, folding on a Dask cluster.
+    The daemon process is the coordinator (state lock, ledger, inbox); a batch of warps
+    leaves the inbox only when every shard task of every warp in it has returned."""
+    from . import daemon
+
+    if args.dask_batch is not None and args.dask_batch < 1:
+        print("streamcoadd watch: --dask-batch must be >= 1", file=sys.stderr)
+        return daemon.EXIT_ERROR
+    try:
+        client = connect(args.dask)
+    except UserError as e:
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
+        return daemon.EXIT_ERROR
+
+    def make_ingestor(store, run):
+        return DistributedIngestor(store, run, client, batch=args.dask_batch,
+                                   retries=args.dask_retries, log_failures=True,
+                                   logger=daemon.log)
+
+    try:
+        return daemon.handler(args, make_ingestor=make_ingestor)
+    finally:
+        try:
+            client.run(drop_worker_caches, str(Path(args.state).absolute()))
+        except Exception:  # noqa: BLE001
+            pass
+        close(client)
+
+
+def _wrap(parser: argparse.ArgumentParser, dask_cmd) -> None:
+    register_ingest_options(parser)
+    plain = parser.get_default("func")
+
+    def cmd(args, _plain=plain):
+        if getattr(args, "dask", None):
+            return dask_cmd(args)
+        return _plain(args)
+
+    parser.set_defaults(func=cmd)
+
+
 def register(subparsers) -> None:
-    """Called by ``streamcoadd.cli``: add ``--dask`` to ``ingest`` (and to ``watch`` once
-    the daemon accepts another ingestor)."""
-    ingest = subparsers.choices.get("ingest")
-    if ingest is not None:
-        register_ingest_options(ingest)
-        plain = ingest.get_default("func")
-
-        def cmd_ingest(args, _plain=plain):
-            if getattr(args, "dask", None):
-                return cmd_ingest_dask(args)
-            return _plain(args)
-
-        ingest.set_defaults(func=cmd_ingest)
+    """Called by ``streamcoadd.cli`` (after the core subcommands and the daemon's): add
+    ``--dask`` to ``ingest`` and ``watch``."""
+    if "ingest" in subparsers.choices:
+        _wrap(subparsers.choices["ingest"], cmd_ingest_dask)
+    if "watch" in subparsers.choices:
+        _wrap(subparsers.choices["watch"], cmd_watch_dask)
