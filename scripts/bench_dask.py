@@ -108,22 +108,88 @@ def run_single(state: Path, files, rc) -> float:
     return time.perf_counter() - t0
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run_dask(state: Path, files, rc, client, batch) -> tuple[float, dict]:
     from streamcoadd.distributed import ingest_distributed
 
+    cpu0 = sum(client.run(_cpu_seconds).values()) + _cpu_seconds()
     t0 = time.perf_counter()
     out = ingest_distributed(state, files, client=client, run_config=rc, batch=batch)
     dt = time.perf_counter() - t0
+    cpu = sum(client.run(_cpu_seconds).values()) + _cpu_seconds() - cpu0
     bad = [o for o in out if o.status not in ("folded", "no_cells")]
     if bad:
         raise SystemExit(f"unexpected outcomes: {[(o.path, o.status, o.reason) for o in bad]}")
     stats = dict(ingest_distributed.last_stats)
     stats["workers"] = len(stats["workers"])
+    stats["cpu_seconds"] = cpu  # workers + coordinator (incl. the LocalCluster scheduler)
     return dt, stats
 
 
+def calibrate(state: Path, files) -> dict:
+    """Unit costs of the cost model (docs/scale-out.md), measured in this process:
+    q = coordinator per warp (read + sha256 + header probe), R = read + validate + prepare
+    one warp on a worker, f = fold one warp into one cell, c = commit one cell generation
+    (HDF5 write, fsync, rename; per shard also manifest and directory fsyncs)."""
+    from streamcoadd.distributed import _contributing_patches, _probe
+    from streamcoadd.fold import prepare_warp
+    from streamcoadd.ingest import fold_into_shard, shard_inputs
+    from streamcoadd.state import StateStore
+    from streamcoadd.warp import _read_bytes, file_hash, read_warp
+
+    q = R = f = c = 0.0
+    cells = shards = 0
+    with StateStore.open(state, write=True) as store:
+        fold = store.fold
+        for path in files:
+            t0 = time.perf_counter()
+            data = _read_bytes(str(path))
+            h = file_hash(data)
+            p = _probe(str(path), data, store)
+            tract = store.skymap.tract(p.warp_id.tract)
+            patches = _contributing_patches(tract, p.box, fold)
+            t1 = time.perf_counter()
+            warp = read_warp(str(path), store.skymap, fold.bad_planes, fold.noise_realizations,
+                             data=data)
+            pw = prepare_warp(warp, fold)
+            t2 = time.perf_counter()
+            for patch in patches:
+                shard = store.shard(patch, p.band)
+                if h not in shard.warps:
+                    cells += fold_into_shard(store, shard, shard_inputs(pw, tract, patch, fold), pw)
+            t3 = time.perf_counter()
+            q, R, f = q + t1 - t0, R + t2 - t1, f + t3 - t2
+            shards += len(patches)
+        dirty = sum(len(sh.dirty) for sh in store.shards.values())
+        t0 = time.perf_counter()
+        store.commit()
+        c = (time.perf_counter() - t0) / max(dirty, 1)
+    n = len(files)
+    return {"q": q / n, "R": R / n, "f": f / max(cells, 1), "c": c, "cells_per_warp": cells / n,
+            "shards_per_warp": shards / n, "cells": dirty}
+
+
+def predict(cal: dict, n_warps: int, stats: dict, workers: int) -> float:
+    """Model wall time of a distributed run from the unit costs and the run's own counts
+    (warps read by workers, cell generations written): the worker work divided by the
+    workers, plus the coordinator's serial part. Ignores the idle tail of the last wave."""
+    work = (stats["warps_read"] * cal["R"] + n_warps * cal["cells_per_warp"] * cal["f"]
+            + stats["cells_written"] * cal["c"])
+    return work / workers + n_warps * cal["q"]
+
+
 def start_cluster(n: int):
+    import logging
+
     import distributed
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
     cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=50)
@@ -163,36 +229,49 @@ def main() -> int:
 
     results: dict[str, dict] = {}
     ref = None
-    if not args.no_single:
-        times = []
+    cal = calibrate(new_state(work / "state-calibrate", skymap), files)
+    print(f"  unit costs: coordinator q = {cal['q'] * 1e3:.1f} ms/warp, read+prepare R = "
+          f"{cal['R'] * 1e3:.0f} ms/warp, fold f = {cal['f'] * 1e3:.2f} ms/cell, commit c = "
+          f"{cal['c'] * 1e3:.1f} ms/cell; {cal['cells_per_warp']:.0f} cells and "
+          f"{cal['shards_per_warp']:.2f} shards per warp", flush=True)
+    # All clusters up front, then the runs interleaved (single, dask:1, dask:2, single, ...)
+    # so that a change in the machine's background load hits every configuration alike.
+    clusters = {n: start_cluster(n) for n in args.workers}
+    try:
+        names = ([] if args.no_single else ["single"]) + [f"dask:{n}" for n in args.workers]
+        for name in names:
+            results[name] = {"times": [], "stats": None}
         for r in range(args.repeat):
-            ref = new_state(work / "state-single", skymap)
-            times.append(run_single(ref, files, rc))
-            print(f"  single      run {r + 1}: {times[-1]:6.2f} s", flush=True)
-        results["single"] = {"times": times}
-
-    for n in args.workers:
-        cluster, client = start_cluster(n)
-        try:
-            times, stats = [], None
-            for r in range(args.repeat):
-                state = new_state(work / f"state-dask{n}", skymap)
-                dt, stats = run_dask(state, files, rc, client, args.commit_every)
-                times.append(dt)
-                print(f"  dask:{n:<2}     run {r + 1}: {dt:6.2f} s  ({stats['tasks']} tasks, "
-                      f"{stats['task_seconds']:.1f} task-s, {stats['workers']} worker(s), "
-                      f"{stats['shard_cached']} shard cache hits, {stats['warps_read']} warp "
-                      "reads)", flush=True)
-            if ref is not None and not args.no_check:
-                sys.path.insert(0, str(ROOT / "tests"))
-                from test_distributed import assert_same_state
-
-                ncell = assert_same_state(ref, state)
-                print(f"  dask:{n} state == single-process state ({ncell} cells, 1e-10)")
-            results[f"dask:{n}"] = {"times": times, "stats": stats}
-        finally:
+            for name in names:
+                state = new_state(work / f"state-{name.replace(':', '')}", skymap)
+                if name == "single":
+                    dt = run_single(state, files, rc)
+                    ref = state
+                    print(f"  single      run {r + 1}: {dt:6.2f} s", flush=True)
+                else:
+                    n = int(name.split(":")[1])
+                    dt, stats = run_dask(state, files, rc, clusters[n][1], args.commit_every)
+                    results[name]["stats"] = stats
+                    print(f"  dask:{n:<2}     run {r + 1}: {dt:6.2f} s  ({stats['tasks']} tasks, "
+                          f"{stats['task_seconds']:.1f} task-s, {stats['cpu_seconds']:.1f} "
+                          f"CPU-s, {stats['workers']} worker(s), {stats['shard_cached']} shard "
+                          f"cache hits, {stats['warps_read']} warp reads)", flush=True)
+                results[name]["times"].append(dt)
+    finally:
+        for cluster, client in clusters.values():
             client.close()
             cluster.close()
+    for n in args.workers:
+        stats = results[f"dask:{n}"]["stats"]
+        if ref is not None and not args.no_check:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from test_distributed import assert_same_state
+
+            ncell = assert_same_state(ref, work / f"state-dask{n}")
+            print(f"  dask:{n} state == single-process state ({ncell} cells, 1e-10)")
+        stats["predicted_s"] = predict(cal, len(files), stats, n)
+        print(f"  dask:{n} model: {stats['predicted_s']:.2f} s ({stats['warps_read']} warp "
+              f"reads, {stats['cells_written']} cell generations written)")
 
     print()
     print(f"{'run':<10} {'best s':>8} {'median s':>9} {'warps/s':>8} {'speedup':>8} "
@@ -217,7 +296,7 @@ def main() -> int:
               f"{results['dask:2']['speedup_vs_1_median']:.2f}x (median); target >= 1.6x")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "warps": len(files), "size": args.size, "skymap": str(skymap),
+            "warps": len(files), "size": args.size, "skymap": str(skymap), "unit_costs": cal,
             "commit_every": args.commit_every, "loadavg": load, "cpus": os.cpu_count(),
             "results": results}, indent=2, default=str))
     if not args.workdir:

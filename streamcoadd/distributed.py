@@ -190,7 +190,7 @@ def _fold_one(store, shard, tract, path: str, h: str, cache_bytes: int) -> dict:
 
 
 def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]],
-                     cache_bytes: int = int(2e9), prepared_cache_bytes: int = int(5e8)) -> dict:
+                     cache_bytes: int = int(2e9), prepared_cache_bytes: int = int(1e9)) -> dict:
     """Dask task: fold ``warps`` ([(absolute path, sha256)], in order) into ONE shard of the
     state at ``root`` and commit it. Idempotent: a warp whose hash the shard manifest
     already lists is skipped (``present``). Returns ``{"shard", "results", "commit", ...}``
@@ -206,14 +206,22 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
     tract = store.skymap.tract(tract_id)
     last: BaseException | None = None
     read0 = _counters["warps_read"]
+    # Warps this worker has prepared already first (an earlier shard task of the same
+    # batch): visiting the batch in a fixed order would make the LRU cache thrash.
+    # Within a shard the fold order does not matter (sums; groups are order independent).
+    with _prepared_lock:
+        order = sorted(range(len(warps)), key=lambda i: warps[i][1] not in _prepared)
     for attempt in range(1, MAX_CONFLICT_ATTEMPTS + 1):
         shard, cached = _fresh_shard(store, patch, band)
         try:
-            results = [_fold_one(store, shard, tract, p, h, prepared_cache_bytes)
-                       for p, h in warps]
+            results: list = [None] * len(warps)  # in the order given
+            for i in order:
+                results[i] = _fold_one(store, shard, tract, *warps[i], prepared_cache_bytes)
+            written = len(shard.dirty)
             if shard.changed:
                 store.commit()  # only this shard is dirty in this thread's store
             return {"shard": shard_key, "results": results, "commit": shard.commit,
+                    "cells_written": written,
                     "attempts": attempt, "pid": os.getpid(), "host": os.uname().nodename,
                     "seconds": time.perf_counter() - t0, "shard_cached": cached,
                     "warps_read": _counters["warps_read"] - read0}
@@ -322,7 +330,7 @@ class DistributedIngestor:
 
     def __init__(self, store, run: RunConfig = RunConfig(), client=None, *,
                  batch: int | None = None, max_batch: int | None = None, retries: int = 3,
-                 prepared_cache_gb: float = 0.5, allow_refold: bool = False,
+                 prepared_cache_gb: float = 1.0, allow_refold: bool = False,
                  log_failures: bool = False, logger: logging.Logger | None = None):
         if not store.write or store.shard_locking:
             raise ValueError("the coordinator needs the state opened by its single writer")
@@ -356,9 +364,11 @@ class DistributedIngestor:
         self._flushing = False
         self.failed: list[Outcome] = []
         # shard_cached: tasks that found their shard in the worker's memory (else its
-        # cells are read from disk); warps_read: warps read and prepared by workers
+        # cells are read from disk); warps_read: warps read and prepared by workers;
+        # cells_written: cell generations committed
         self.stats = {"tasks": 0, "task_seconds": 0.0, "conflict_retries": 0, "present": 0,
-                      "shard_cached": 0, "warps_read": 0, "workers": set()}
+                      "shard_cached": 0, "warps_read": 0, "cells_written": 0,
+                      "workers": set()}
 
     # ------------------------------------------------------------------ Ingestor contract
     @property
@@ -568,6 +578,7 @@ class DistributedIngestor:
                 self.stats["workers"].add((res["host"], res["pid"]))
                 self.stats["shard_cached"] += bool(res["shard_cached"])
                 self.stats["warps_read"] += res["warps_read"]
+                self.stats["cells_written"] += res["cells_written"]
                 for r in res["results"]:
                     self._items[r["hash"]].results[key] = r
                     if r["status"] in ("folded", "present") and r["cells"]:
