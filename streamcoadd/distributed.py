@@ -334,7 +334,8 @@ class DistributedIngestor:
     def __init__(self, store, run: RunConfig = RunConfig(), client=None, *,
                  batch: int | None = None, max_batch: int | None = None, retries: int = 3,
                  prepared_cache_gb: float = 1.0, allow_refold: bool = False,
-                 log_failures: bool = False, logger: logging.Logger | None = None):
+                 log_failures: bool = False, logger: logging.Logger | None = None,
+                 heartbeat=None):
         if not store.write or store.shard_locking:
             raise ValueError("the coordinator needs the state opened by its single writer")
         if client is None:
@@ -351,6 +352,7 @@ class DistributedIngestor:
         self.allow_refold = allow_refold  # fold again warps that were retracted
         self.log_failures = log_failures  # the daemon: failed warps are logged, not kept
         self.log = logger or log
+        self.heartbeat = heartbeat  # called about every second while waiting for tasks
         self.cache_bytes = int(run.cache_gb * 1e9)
         self.prepared_cache_bytes = int(prepared_cache_gb * 1e9)
         self._items: dict[str, _Item] = {}  # by content hash: accepted, not yet final
@@ -601,6 +603,8 @@ class DistributedIngestor:
         if not self._tasks:
             return
         if block:
+            if self.heartbeat is not None:
+                self.heartbeat()  # e.g. the systemd watchdog: waiting for workers is no hang
             self._rescue()
             try:  # wake up regularly: Ctrl-C stays responsive
                 wait(list(self._tasks), timeout=1.0, return_when="FIRST_COMPLETED")
@@ -759,6 +763,11 @@ def connect(address: str, *, quiet: bool = True):
                 raise ValueError
         except ValueError:
             raise UserError(f"--dask {address!r}: expected local:N with N >= 1 workers") from None
+        import dask
+
+        # A worker killed (OOM, kill -9) is restarted by its nanny; do not let the cluster
+        # close that nanny if the restart is slower than this (default 15 s, under load).
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"})
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                dashboard_address=None,
                                silence_logs=logging.ERROR if quiet else logging.WARNING)
@@ -913,10 +922,12 @@ def cmd_watch_dask(args) -> int:
         print(f"streamcoadd watch: {e}", file=sys.stderr)
         return daemon.EXIT_ERROR
 
+    notify = daemon._SdNotify()
+
     def make_ingestor(store, run):
         return DistributedIngestor(store, run, client, batch=args.dask_batch,
                                    retries=args.dask_retries, log_failures=True,
-                                   logger=daemon.log)
+                                   logger=daemon.log, heartbeat=notify.ping)
 
     try:
         return daemon.handler(args, make_ingestor=make_ingestor)
