@@ -155,18 +155,25 @@ def drop_worker_caches(root: str | None = None) -> None:
             store.shards.clear()
 
 
-def _fold_one(store, shard, tract, path: str, h: str, cache_bytes: int) -> dict:
+def _prepare(path: str, h: str, store, cache_bytes: int):
+    """(PreparedWarp, None), or (None, result fields) if the warp is rejected or changed."""
+    try:
+        return _prepared_warp(path, h, store, cache_bytes), None
+    except WarpRejected as e:
+        return None, {"status": "rejected", "reason": e.reason}
+    except _Changed:
+        return None, {"status": "changed", "reason": "the file changed while it was being "
+                                                     "ingested (its content hash differs); "
+                                                     "deliver it again"}
+
+
+def _fold_prepared(store, shard, tract, path: str, h: str, prepared, failed) -> dict:
+    """Fold one prepared warp into one shard (in memory); the result for that pair."""
     t0 = time.perf_counter()
     res = {"hash": h, "path": path, "status": "", "cells": 0, "weight": 0.0, "reason": "",
            "visit": None, "detector": None}
-    try:
-        prepared = _prepared_warp(path, h, store, cache_bytes)
-    except WarpRejected as e:
-        res.update(status="rejected", reason=e.reason)
-        return res
-    except _Changed:
-        res.update(status="changed", reason="the file changed while it was being ingested "
-                                             "(its content hash differs); deliver it again")
+    if prepared is None:
+        res.update(failed)
         return res
     w = prepared.warp
     res.update(visit=w.id.visit, detector=w.id.detector, weight=float(prepared.weight))
@@ -189,13 +196,21 @@ def _fold_one(store, shard, tract, path: str, h: str, cache_bytes: int) -> dict:
     return res
 
 
+def _warp_order(warps: list[tuple[str, str]]) -> list[int]:
+    """Warps this worker has prepared already first (an earlier task of the same batch):
+    visiting a batch in a fixed order would make the LRU cache thrash. The fold order
+    within a shard does not matter (sums; groups are order independent)."""
+    with _prepared_lock:
+        return sorted(range(len(warps)), key=lambda i: warps[i][1] not in _prepared)
+
+
 def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]],
                      cache_bytes: int = int(2e9), prepared_cache_bytes: int = int(1e9)) -> dict:
-    """Dask task: fold ``warps`` ([(absolute path, sha256)], in order) into ONE shard of the
-    state at ``root`` and commit it. Idempotent: a warp whose hash the shard manifest
-    already lists is skipped (``present``). Returns ``{"shard", "results", "commit", ...}``
-    with one result dict per warp (``status`` one of folded, no_cells, present, rejected,
-    changed, conflict, misrouted)."""
+    """Dask task: fold ``warps`` ([(absolute path, sha256)]) into ONE shard of the state at
+    ``root`` and commit it. Idempotent: a warp whose hash the shard manifest already lists
+    is skipped (``present``). Returns ``{"shard", "results", "commit", ...}`` with one
+    result dict per warp, in the order given (``status`` one of folded, no_cells, present,
+    rejected, changed, conflict, misrouted)."""
     from .state import ShardConflict
 
     t0 = time.perf_counter()
@@ -206,17 +221,15 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
     tract = store.skymap.tract(tract_id)
     last: BaseException | None = None
     read0 = _counters["warps_read"]
-    # Warps this worker has prepared already first (an earlier shard task of the same
-    # batch): visiting the batch in a fixed order would make the LRU cache thrash.
-    # Within a shard the fold order does not matter (sums; groups are order independent).
-    with _prepared_lock:
-        order = sorted(range(len(warps)), key=lambda i: warps[i][1] not in _prepared)
+    order = _warp_order(warps)
     for attempt in range(1, MAX_CONFLICT_ATTEMPTS + 1):
         shard, cached = _fresh_shard(store, patch, band)
         try:
             results: list = [None] * len(warps)  # in the order given
             for i in order:
-                results[i] = _fold_one(store, shard, tract, *warps[i], prepared_cache_bytes)
+                path, h = warps[i]
+                prepared, failed = _prepare(path, h, store, prepared_cache_bytes)
+                results[i] = _fold_prepared(store, shard, tract, path, h, prepared, failed)
             written = len(shard.dirty)
             if shard.changed:
                 store.commit()  # only this shard is dirty in this thread's store
@@ -236,6 +249,80 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
             raise
     raise RuntimeError(f"shard {patch} band {band}: gave up after {MAX_CONFLICT_ATTEMPTS} "
                        f"compare-and-swap conflicts ({last})")
+
+
+def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
+                cache_bytes: int = int(2e9), prepared_cache_bytes: int = int(1e9)) -> dict:
+    """Dask task: fold warps into SEVERAL shards (neighbouring patches, all placed on this
+    worker), warp by warp, so that a warp feeding several of them is read and prepared
+    once; then commit each shard on its own (lock + compare-and-swap), exactly as
+    :func:`fold_shard_batch` does for one. ``groups``: [(shard key, [(path, sha256)])].
+    Returns ``{"shards": {shard key: <fold_shard_batch result>}, ...}``."""
+    from .state import ShardConflict
+
+    t0 = time.perf_counter()
+    read0 = _counters["warps_read"]
+    if len(groups) == 1:
+        key, warps = groups[0]
+        r = fold_shard_batch(root, key, warps, cache_bytes, prepared_cache_bytes)
+        return {"shards": {key: r}, "pid": r["pid"], "host": r["host"],
+                "seconds": time.perf_counter() - t0,
+                "warps_read": _counters["warps_read"] - read0}
+    store = _worker_store(root)
+    store.cache_bytes = cache_bytes
+    shards, cached, tracts = {}, {}, {}
+    paths: dict[str, str] = {}
+    targets: dict[str, list[ShardKey]] = {}  # warp -> its shards in this task, in order
+    for key, warps in groups:
+        for path, h in warps:
+            paths.setdefault(h, path)
+            targets.setdefault(h, []).append(key)
+    hashes = list(paths)
+    results: dict = {key: {} for key, _ in groups}
+    out: dict = {}
+    try:
+        for key, _ in groups:
+            t, px, py, band = key
+            shards[key], cached[key] = _fresh_shard(store, PatchId(t, px, py), band)
+            tracts[key] = store.skymap.tract(t)
+        for i in _warp_order([(paths[h], h) for h in hashes]):
+            h = hashes[i]
+            prepared, failed = _prepare(paths[h], h, store, prepared_cache_bytes)
+            for key in targets[h]:
+                results[key][h] = _fold_prepared(store, shards[key], tracts[key], paths[h],
+                                                 h, prepared, failed)
+        redo = []
+        for key, warps in groups:
+            shard = shards[key]
+            written = len(shard.dirty)
+            try:
+                if shard.changed:
+                    store._commit_shard(shard)  # this shard only, under its lock, CAS
+            except ShardConflict:
+                store.shards.pop((shard.patch, shard.band), None)
+                redo.append((key, warps))
+                continue
+            out[key] = {"shard": key, "results": [results[key][h] for _, h in warps],
+                        "commit": shard.commit, "cells_written": written, "attempts": 1,
+                        "shard_cached": cached[key], "warps_read": 0, "seconds": 0.0}
+    except (ShardConflict, FileNotFoundError):
+        # A superseded generation vanished while we read it (another writer committed):
+        # drop what is not committed and do the remaining shards one by one.
+        redo = [(key, warps) for key, warps in groups if key not in out]
+        for key, _ in redo:
+            store.shards.pop((PatchId(*key[:3]), key[3]), None)
+    except BaseException:
+        for key, _ in groups:
+            if key not in out:  # never let half-folded memory survive
+                store.shards.pop((PatchId(*key[:3]), key[3]), None)
+        raise
+    for key, warps in redo:
+        r = fold_shard_batch(root, key, warps, cache_bytes, prepared_cache_bytes)
+        r["attempts"] += 1
+        out[key] = r
+    store.trim_cache(store.cache_bytes)
+    return {"shards": out, "pid": os.getpid(), "host": os.uname().nodename,
+            "seconds": time.perf_counter() - t0, "warps_read": _counters["warps_read"] - read0}
 
 
 # =============================================================================== coordinator
@@ -358,12 +445,17 @@ class DistributedIngestor:
         self._items: dict[str, _Item] = {}  # by content hash: accepted, not yet final
         self._queues: dict[ShardKey, list[str]] = {}  # shard -> hashes waiting for a task
         self._busy: dict[ShardKey, object] = {}  # shard -> its one future in flight
-        self._tasks: dict[object, tuple[ShardKey, list[str]]] = {}  # future -> (shard, hashes)
+        # future -> ([(shard, hashes)], worker it was placed on or None)
+        self._tasks: dict[object, tuple[list[tuple[ShardKey, list[str]]], str | None]] = {}
         self._ids: dict[ShardKey, dict[tuple[int, int], set[str]]] = {}  # manifest identities
         self._home: dict[ShardKey, str] = {}  # shard -> worker that holds it in memory
-        self._load: dict[str, int] = {}  # worker -> warp-shard units sent, not finished
-        self._workers: list[str] = []
+        self._inflight: dict[str, int] = {}  # worker -> tasks placed there, not finished
+        self._workers: dict[str, int] = {}  # live worker -> threads
         self._workers_at = -1e9
+        g = store.skymap.cells
+        cell_bytes = 8 * (5 + store.fold.noise_realizations) * g.outer ** 2
+        # shards per task: their cells are all in memory at once (bounded by cache_gb)
+        self.max_shards = max(1, int(self.cache_bytes // (cell_bytes * g.cells_per_patch ** 2)))
         self._rescue_at = time.monotonic()
         self._ready: list[Outcome] = []
         self._first_pending_at: float | None = None
@@ -372,9 +464,9 @@ class DistributedIngestor:
         # shard_cached: tasks that found their shard in the worker's memory (else its
         # cells are read from disk); warps_read: warps read and prepared by workers;
         # cells_written: cell generations committed
-        self.stats = {"tasks": 0, "task_seconds": 0.0, "conflict_retries": 0, "present": 0,
-                      "shard_cached": 0, "warps_read": 0, "cells_written": 0, "rescued": 0,
-                      "workers": set()}
+        self.stats = {"tasks": 0, "shard_commits": 0, "task_seconds": 0.0,
+                      "conflict_retries": 0, "present": 0, "shard_cached": 0, "warps_read": 0,
+                      "cells_written": 0, "rescued": 0, "workers": set()}
 
     # ------------------------------------------------------------------ Ingestor contract
     @property
@@ -501,49 +593,115 @@ class DistributedIngestor:
         return ids
 
     # ------------------------------------------------------------------ scheduling
-    def _dispatch(self) -> None:
-        for key, queue in self._queues.items():
-            if not queue or key in self._busy:
-                continue
-            if len(queue) < self.batch and not self._flushing:
-                continue
-            hashes, self._queues[key] = queue[:self.max_batch], queue[self.max_batch:]
-            self._send(key, hashes)
+    def _live_workers(self, force: bool = False) -> dict[str, int]:
+        now = time.monotonic()
+        if force or now - self._workers_at > 2.0:
+            try:
+                self._workers = dict(self.client.nthreads())
+            except Exception:  # noqa: BLE001 - scheduler unreachable: keep the last view
+                pass
+            self._workers_at = now
+        return self._workers
 
-    def _send(self, key: ShardKey, hashes: list[str]) -> None:
-        warps = [(self._items[h].abspath, h) for h in hashes]
-        worker = self._place(key, len(hashes))
+    def _dispatch(self) -> None:
+        """Send work for idle shards. Shards are grouped by their home worker into one task
+        per free worker thread (neighbouring patches: a warp feeding several of them is
+        read once). Nothing goes out until some idle shard has ``batch`` warps queued (or
+        the caller flushes); then every idle shard of that worker with queued warps goes
+        along. A worker with a free thread and no shard of its own takes over half of the
+        waiting shards of the busiest worker."""
+        idle = [k for k, q in self._queues.items() if q and k not in self._busy]
+        if not idle:
+            return
+        if not self._flushing and not any(len(self._queues[k]) >= self.batch for k in idle):
+            return
+        workers = self._live_workers()
+        if not workers:  # no placement possible: one task per shard, Dask decides
+            for key in idle:
+                self._send([key], None)
+            return
+        by_worker: dict[str, list[ShardKey]] = {w: [] for w in workers}
+        for key in idle:
+            home = self._home.get(key)
+            if home not in workers:
+                home = self._home[key] = self._spatial_home(key, sorted(workers))
+            by_worker[home].append(key)
+        free = {w: workers[w] - self._inflight.get(w, 0) for w in workers}
+        for w in sorted(workers, key=lambda w: -free[w]):
+            if free[w] <= 0 or by_worker[w]:
+                continue
+            donor = max(by_worker, key=lambda v: sum(len(self._queues[k]) for k in by_worker[v]))
+            keys = sorted(by_worker[donor], key=lambda k: (k[3], k[1], k[2]))
+            if len(keys) < 2 and free[donor] > 0:
+                continue
+            take = keys[len(keys) // 2:] if len(keys) > 1 else keys
+            by_worker[donor] = [k for k in by_worker[donor] if k not in take]
+            by_worker[w] = take
+            for k in take:
+                self._home[k] = w
+        for w, keys in by_worker.items():
+            keys = sorted(keys, key=lambda k: (k[3], k[1], k[2]))
+            while keys and free[w] > 0:
+                if not self._flushing and not any(len(self._queues[k]) >= self.batch
+                                                  for k in keys):
+                    break  # this worker's shards keep filling until one has a batch
+                chunk, keys = keys[:self.max_shards], keys[self.max_shards:]
+                self._send(chunk, w)
+                free[w] -= 1
+
+    def _spatial_home(self, key: ShardKey, workers: list[str]) -> str:
+        """A first home for a shard: the tract's patch grid cut into one contiguous block
+        of patches per worker (column by column)."""
+        t, x, y, _ = key
+        nx, ny = self.store.skymap.tract(t).num_patches
+        return workers[(x * ny + y) * len(workers) // (nx * ny)]
+
+    def _send(self, keys: list[ShardKey], worker: str | None) -> None:
+        groups = []
+        for key in keys:
+            queue = self._queues[key]
+            hashes, self._queues[key] = queue[:self.max_batch], queue[self.max_batch:]
+            groups.append((key, hashes))
+        payload = [(key, [(self._items[h].abspath, h) for h in hashes]) for key, hashes in groups]
+        name = "-".join(f"{k[1]}.{k[2]}{k[3]}" for k in keys[:4]) + ("..." if len(keys) > 4 else "")
         fut = self.client.submit(
-            fold_shard_batch, self.root, key, warps, self.cache_bytes,
-            self.prepared_cache_bytes, key=f"streamcoadd-fold-{key[0]}-{key[1]}-{key[2]}-"
-                                            f"{key[3]}-{uuid.uuid4().hex[:12]}",
-            pure=False, retries=self.retries,
+            fold_shards, self.root, payload, self.cache_bytes, self.prepared_cache_bytes,
+            key=f"streamcoadd-fold-{name}-{uuid.uuid4().hex[:12]}", pure=False,
+            retries=self.retries,
             **({"workers": [worker], "allow_other_workers": True} if worker else {}))
-        self._busy[key] = fut
-        self._tasks[fut] = (key, hashes, worker)
+        for key, _ in groups:
+            self._busy[key] = fut
+        self._tasks[fut] = (groups, worker)
+        if worker is not None:
+            self._inflight[worker] = self._inflight.get(worker, 0) + 1
+
+    def _release(self, fut) -> list[tuple[ShardKey, list[str]]]:
+        groups, worker = self._tasks.pop(fut)
+        for key, _ in groups:
+            del self._busy[key]
+        if worker is not None:
+            self._inflight[worker] = self._inflight.get(worker, 0) - 1
+        return groups
 
     def _rescue(self) -> None:
-        """Re-send tasks stranded on a vanished worker. A placement is only a preference,
-        but Dask does not apply that to tasks that were left with no worker at all (every
-        worker lost at once, e.g. a batch allocation ending) when new workers join: such a
-        task stays 'no-worker' for ever. Cancel it and send it again. Should the old copy
-        run after all, the shard's compare-and-swap and manifest hashes make it harmless."""
+        """Send again tasks stranded on a vanished worker. A placement is only a
+        preference, but Dask does not apply that to tasks that were left with no worker at
+        all (every worker lost at once, e.g. a batch allocation ending) when new workers
+        join: such a task stays 'no-worker' for ever. Cancel it and queue its warps again.
+        Should the old copy run after all, the shard's compare-and-swap and manifest hashes
+        make it harmless."""
         now = time.monotonic()
         if now - self._rescue_at < self.rescue_interval:
             return
         self._rescue_at = now
-        try:
-            live = set(self.client.nthreads())
-        except Exception:  # noqa: BLE001 - scheduler unreachable: try later
-            return
-        self._workers, self._workers_at = sorted(live), now
+        live = self._live_workers(force=True)
         if not live:
             return
         # finished ones too: their result was on the vanished worker and is recomputed
-        gone = {f.key: f for f, (_, _, w) in self._tasks.items()
-                if w is not None and w not in live}
+        gone = {f.key: f for f, (_, w) in self._tasks.items() if w is not None and w not in live}
         if not gone:
             return
+
         def task_states(keys, dask_scheduler=None):  # nested: pickled by value
             return {k: (ts.state if (ts := dask_scheduler.tasks.get(k)) is not None else None)
                     for k in keys}
@@ -556,44 +714,20 @@ class DistributedIngestor:
         for k, fut in gone.items():
             if states.get(k) != "no-worker":
                 continue
-            key, hashes, worker = self._tasks.pop(fut)
-            del self._busy[key]
-            self._load[worker] = self._load.get(worker, 0) - len(hashes)
+            worker = self._tasks[fut][1]
+            groups = self._release(fut)
             fut.cancel()
             self.stats["rescued"] += 1
-            self.log.warning("shard %s: task stranded on vanished worker %s; sending it again",
-                             key, worker)
-            self._send(key, hashes)
-
-    def _place(self, key: ShardKey, units: int) -> str | None:
-        """The worker for a shard task (a preference: if that worker is gone, Dask runs the
-        task elsewhere). A shard keeps a *home* worker, which holds its cells in memory
-        between tasks. The first home comes from a spatial split of the tract's patch grid
-        into one contiguous block per worker, so that a warp spanning neighbouring patches
-        is mostly read and prepared by one worker. A shard moves to the least loaded worker
-        when its home has more than two tasks' worth of work queued beyond that one (input
-        concentrated on part of the sky must not leave workers idle)."""
-        now = time.monotonic()
-        if now - self._workers_at > 2.0:
-            try:
-                self._workers = sorted(self.client.nthreads())
-            except Exception:  # noqa: BLE001 - no placement then; Dask decides
-                self._workers = []
-            self._workers_at = now
-        if not self._workers:
-            return None
-        load = {w: self._load.get(w, 0) for w in self._workers}
-        least = min(load, key=lambda w: (load[w], w))
-        home = self._home.get(key)
-        if home not in load:
-            t, x, y, _ = key
-            nx, ny = self.store.skymap.tract(t).num_patches
-            home = self._workers[(x * ny + y) * len(self._workers) // (nx * ny)]
-        if load[home] > load[least] + 2 * max(units, self.batch):
-            home = least
-        self._home[key] = home
-        self._load[home] = load[home] + units
-        return home
+            self.log.warning("task for shard(s) %s stranded on vanished worker %s; sending "
+                             "it again", ", ".join(map(str, (g[0] for g in groups))), worker)
+            for key, hashes in groups:
+                self._queues[key] = hashes + self._queues.get(key, [])
+                self._home.pop(key, None)
+        self._flushing, flushing = True, self._flushing
+        try:
+            self._dispatch()
+        finally:
+            self._flushing = flushing
 
     def _pump(self, block: bool) -> None:
         """Dispatch what can go, take in finished tasks, finalize complete warps."""
@@ -619,7 +753,7 @@ class DistributedIngestor:
                 try:
                     # The result lives on the worker that ran the task; if that worker
                     # died meanwhile Dask recomputes the task: do not block on it here
-                    # (_rescue re-sends it should it be stranded).
+                    # (_rescue sends it again should it be stranded).
                     res = fut.result(timeout=timeout)
                 except TimeoutError:
                     timeout = 0.1
@@ -637,42 +771,47 @@ class DistributedIngestor:
                 except BaseException as e:  # noqa: BLE001 - cancelled
                     error = e
                 error = error or RuntimeError(f"task {fut.status}")
-            key, hashes, worker = self._tasks.pop(fut)
-            del self._busy[key]
-            if worker is not None:
-                self._load[worker] = self._load.get(worker, 0) - len(hashes)
-            if error is not None:  # failed for good (retries exhausted), or cancelled
-                e = error
-                reason = f"shard task failed: {type(e).__name__}: {_first_line(e)}"
-                self.log.log(logging.ERROR if self.log_failures else logging.DEBUG,
-                             "shard %s: %s", key, reason)
-                for h in hashes:
-                    self._items[h].errors[key] = reason
-            else:  # res
-                self.stats["tasks"] += 1
-                self.stats["task_seconds"] += res["seconds"]
-                self.stats["conflict_retries"] += res["attempts"] - 1
-                self.stats["workers"].add((res["host"], res["pid"]))
-                self.stats["shard_cached"] += bool(res["shard_cached"])
-                self.stats["warps_read"] += res["warps_read"]
-                self.stats["cells_written"] += res["cells_written"]
-                for r in res["results"]:
-                    self._items[r["hash"]].results[key] = r
-                    if r["status"] in ("folded", "present") and r["cells"]:
-                        it = self._items[r["hash"]]
-                        self._manifest_ids(key).setdefault(
-                            (it.outcome.warp_id.visit, it.outcome.warp_id.detector),
-                            set()).add(r["hash"])
-                    if r["status"] == "present":
-                        self.stats["present"] += 1
+            groups = self._release(fut)
             fut.release()
-            for h in hashes:
-                it = self._items[h]
-                if len(it.results) + len(it.errors) == len(it.shards):
-                    complete.append(it)
+            if error is not None:  # failed for good (retries exhausted), or cancelled
+                reason = f"shard task failed: {type(error).__name__}: {_first_line(error)}"
+                self.log.log(logging.ERROR if self.log_failures else logging.DEBUG,
+                             "shard(s) %s: %s", ", ".join(str(g[0]) for g in groups), reason)
+                for key, hashes in groups:
+                    for h in hashes:
+                        self._items[h].errors[key] = reason
+            else:
+                self._take_result(res)
+            for key, hashes in groups:
+                for h in hashes:
+                    it = self._items[h]
+                    if len(it.results) + len(it.errors) == len(it.shards) and it not in complete:
+                        complete.append(it)
         if complete:
             self._finish(complete)
         self._dispatch()
+
+    def _take_result(self, res: dict) -> None:
+        st = self.stats
+        st["tasks"] += 1
+        st["task_seconds"] += res["seconds"]
+        st["warps_read"] += res["warps_read"]
+        st["workers"].add((res["host"], res["pid"]))
+        for key, r in res["shards"].items():
+            key = tuple(key)
+            st["shard_commits"] += 1
+            st["conflict_retries"] += r["attempts"] - 1
+            st["shard_cached"] += bool(r["shard_cached"])
+            st["cells_written"] += r["cells_written"]
+            for x in r["results"]:
+                it = self._items[x["hash"]]
+                it.results[key] = x
+                if x["status"] in ("folded", "present") and x["cells"]:
+                    wid = it.outcome.warp_id
+                    self._manifest_ids(key).setdefault((wid.visit, wid.detector),
+                                                       set()).add(x["hash"])
+                if x["status"] == "present":
+                    st["present"] += 1
 
     def _finish(self, items: list[_Item]) -> None:
         """Decide each complete warp; one ledger transaction for all that are done."""
