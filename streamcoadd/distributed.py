@@ -13,14 +13,17 @@ hash) and its primary/IMAGE headers (identity, band, pixel box), checks duplicat
 "same visit+detector, other content" against the ledger, the run and the shard manifests,
 and queues the warp on every shard (patch, band) its box touches.
 
-*Workers* (:func:`fold_shard_batch`, a Dask task): a task folds a list of warps into ONE
-shard and commits it under the shard's own lock with compare-and-swap on the manifest's
-commit counter (``StateStore(shard_locking=True)``). At most one task per shard is in
-flight at any time (the coordinator keeps a queue per shard and sends everything queued as
-the next task when the previous one has finished), and many shards run in parallel.
+*Workers* (:func:`fold_shards`, a Dask task): a task takes a few neighbouring shards
+homed on one worker and their queued warps, goes through the warps one by one (each read
+and prepared once, folded into each of its shards in the task), then commits every shard on
+its own, under the shard's lock with compare-and-swap on the manifest's commit counter
+(``StateStore(shard_locking=True)``); :func:`fold_shard_batch` is the same for one shard.
+A shard is in at most one task in flight at any time (the coordinator keeps a queue per
+shard and sends what is queued with the shard's next task once the previous one returned),
+and many shards run in parallel.
 
-A warp is *done* (ledger row written, outcome returned) only when every shard task it
-belongs to has returned, i.e. is durable. Exactly-once holds under Dask's own behaviour:
+A warp is *done* (ledger row written, outcome returned) only when every shard it feeds
+has committed it, i.e. it is durable. Exactly-once holds under Dask's own behaviour:
 
 - a task that runs twice (rerun after a lost result, a worker that was thought dead) finds
   the warp's hash in the shard manifest and skips it (status ``present``);
@@ -410,9 +413,11 @@ class DistributedIngestor:
     lists warps whose shard tasks failed for good (worker lost too often, I/O error): they
     are NOT done; their files must be delivered again (a rerun finishes them exactly once).
 
-    ``batch`` is the number of warps a shard task takes when the shard is idle (default
-    ``run.commit_every``); while a shard is busy its queue grows and the next task takes
-    up to ``max_batch`` (default 4 x ``batch``) at once, which amortizes the commits.
+    Work goes out when a waiting shard has ``batch`` warps queued (default
+    ``run.commit_every``), or on ``commit``: then all the waiting shards of that shard's
+    home worker go as one task (at most ``max_shards`` of them, from ``run.cache_gb``),
+    each with up to ``max_batch`` (default 4 x ``batch``) warps. A shard's queue grows while
+    it is in a task, which amortizes its next commit.
     """
 
     rescue_interval = 5.0  # s between checks for tasks stranded on vanished workers
