@@ -111,10 +111,13 @@ class Ingestor:
 
         # Plan everything first, so that a rejection leaves memory untouched.
         plan: list[tuple[Shard, list[CellInput]]] = []
+        n_durable = 0  # cells of shards that hold the warp already (replay after a crash)
         for patch in tract.patches_overlapping(warp.box):
             shard = store.shard(patch, warp.band)
             if h in shard.warps:
-                continue  # durable in this shard already (replay after a crash)
+                n_durable += sum(cell_input(prepared, tract, cell, fold) is not None
+                                 for cell in tract.cells_overlapping(patch, warp.box))
+                continue  # durable in this shard already: count its cells, do not refold
             prior = _same_id(shard.warps, warp.id, h) or _same_id(shard.pending_warps, warp.id, h)
             if prior:
                 raise WarpRejected(path, f"{warp.id} is already in the state with different "
@@ -123,7 +126,7 @@ class Ingestor:
                       if (cin := cell_input(prepared, tract, cell, fold)) is not None]
             plan.append((shard, inputs))
 
-        n_cells = 0
+        n_cells = n_durable
         try:
             for shard, inputs in plan:
                 for cin in inputs:
