@@ -227,6 +227,7 @@ class StateStore:
         for tmp in (self.root / "shards").rglob("*.tmp"):
             tmp.unlink()
             removed.append(tmp)
+            crash_point("debris-removed")
         for patch, band in self.shard_keys():
             removed += self._recover_shard(patch, band)
         for d in (self.root / "shards").glob("t*/p*/*"):
@@ -245,6 +246,7 @@ class StateStore:
             if f.name not in live:
                 f.unlink()
                 removed.append(f)
+                crash_point("debris-removed")
         return removed
 
     def shard(self, patch: PatchId, band: str) -> Shard:
@@ -348,6 +350,7 @@ class StateStore:
                 (d / f"c{x}-{y}.g{g}.h5").unlink()
             except FileNotFoundError:
                 pass
+            crash_point("old-generation-deleted")
 
     def trim_cache(self, limit: int) -> None:
         """Drop clean cells of the least recently used shards until under ``limit`` bytes."""
