@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .cellfile import read_cell_file, write_cell_file
 from .config import FoldConfig
-from .durable import crash_point, fsync_dir, write_atomic
+from .durable import crash_point, fsync_dir, makedirs_durable, write_atomic
 from .errors import StateError, UserError
 from .fold import CellAccumulator
 from .ledger import Ledger
@@ -300,7 +300,7 @@ class StateStore:
 
     def _commit_shard(self, shard: Shard) -> None:
         d = shard.directory
-        d.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(d)  # a new shard's directory entry must survive a power cut
         if not self.shard_locking:
             return self._write_shard(shard)
         fd = os.open(d / "shard.lock", os.O_RDWR | os.O_CREAT, 0o644)
