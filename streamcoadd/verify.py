@@ -105,6 +105,11 @@ class _Checker:
             return self.problems
         # warp hash -> number of cells holding it, over all shards
         self.cells_per_warp: Counter = Counter()
+        # Warps whose cell count is unknown (a cell of their shard could not be read), and
+        # whether some manifest could not be read at all: the ledger cross-checks then
+        # skip what they cannot judge rather than report follow-on errors.
+        self.uncertain: set[str] = set()
+        self.manifest_unreadable = False
         self.manifest_warps: dict[str, tuple[int, int]] = {}
         for d in sorted(p for p in shards_dir.glob("*/*/*") if p.is_dir()):
             self.check_shard(d)
@@ -165,6 +170,8 @@ class _Checker:
                          "watch' or 'streamcoadd ingest STATE FILE' records it without "
                          "folding it again")
         for h, rec in sorted(self.ledger.items()):
+            if h in self.uncertain or (self.manifest_unreadable and h not in self.manifest_warps):
+                continue
             if rec["status"] == "retracted":
                 if self.cells_per_warp.get(h):
                     self.add("error", "retracted-still-folded", lp,
@@ -179,7 +186,8 @@ class _Checker:
                          f"the ledger says visit {rec['visit']} detector {rec['detector']} "
                          f"({rec['path']}) was folded into {rec['n_cells']} cell(s), but no "
                          "shard manifest lists it: its contribution is missing",
-                         "delete its ledger row and ingest the file again: sqlite3 "
+                         "if a 'streamcoadd retract' of this visit was interrupted, run it "
+                         "again; otherwise delete its ledger row and ingest the file again: sqlite3 "
                          f"{lp} \"DELETE FROM warps WHERE content_hash='{h}'\"; then "
                          f"'streamcoadd ingest {self.root} {rec['path']}'")
             elif rec["n_cells"] != n and (n or rec["status"] == "folded"):
@@ -187,7 +195,9 @@ class _Checker:
                          f"the ledger says visit {rec['visit']} detector {rec['detector']} is in "
                          f"{rec['n_cells']} cell(s) ({rec['status']}); the cells hold it {n} "
                          "time(s)",
-                         "the cells are the truth and the coadd is right; correct the ledger: "
+                         "if a 'streamcoadd retract' of this visit was interrupted, run it "
+                         "again (it finishes the shards still holding it); otherwise the cells "
+                         "are the truth and the coadd is right; correct the ledger: "
                          f"sqlite3 {lp} \"UPDATE warps SET n_cells={n}, status="
                          f"'{'folded' if n else 'no_cells'}' WHERE content_hash='{h}'\"")
 
@@ -224,6 +234,7 @@ class _Checker:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.add("error", "manifest-corrupt", mpath, f"cannot parse: {e}",
                      self._rebuild_action(d, None))
+            self.manifest_unreadable = True
             return
         expected = f"t{tract}/p{px}-{py}/{band}"
         if str(d.relative_to(self.root / "shards")) != expected:
@@ -258,6 +269,8 @@ class _Checker:
             hashes = self.check_cell(path, d, wmap, tract, px, py, band, cx, cy, g)
             if hashes is not None:
                 in_cells |= hashes
+            else:
+                self.uncertain |= set(wmap)
         for f in sorted(d.iterdir()):
             if f.name in live or f.name in ("manifest.json", "shard.lock"):
                 continue
@@ -372,11 +385,16 @@ def verify_state(path) -> list[Problem]:
 
 
 def repair(path) -> list[Path]:
-    """Remove debris exactly as a writer does on opening (takes the writer lock)."""
+    """Remove debris as a writer does on opening (takes the writer lock, so no writer is
+    running), plus leftover ``*.tmp`` files of atomic writes in the state directory itself.
+    Returns the files removed."""
     from .state import StateStore
 
-    with StateStore.open(path, write=True) as st:
-        return st.recover()
+    debris = [Path(p.path) for p in verify_state(path) if p.kind == "debris"]
+    with StateStore.open(path, write=True):  # runs recover()
+        for tmp in Path(path).glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+    return [p for p in debris if not p.exists()]
 
 
 def cmd_verify(args) -> int:
