@@ -28,7 +28,7 @@ from .errors import WarpRejected
 from .masks import CANONICAL_PLANES, bitmask
 from .psf import psf_moments, resize_stamp
 from .skymap import Box, CellId, Tract
-from .warp import NO_DATA, Warp
+from .warp import NO_DATA, WEIGHT_RANGE, Warp
 
 GROUPS = ("good", "fallback")
 
@@ -81,9 +81,10 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
                                       "WEIGHT keyword in the primary header")
     mean, _, _ = sigma_clipped_stats(var, sigma=3.0, maxiters=2)
     weight = 1.0 / float(mean)
-    if not np.isfinite(weight) or weight <= 0:
-        raise WarpRejected(warp.path, f"weight 1/<variance> = {weight!r} is not positive and "
-                                      "finite; check the VARIANCE plane")
+    if not WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]:  # also catches inf, nan, <= 0
+        raise WarpRejected(warp.path, f"weight 1/<variance> = {weight!r} is not in "
+                                      f"{WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g}; check the "
+                                      "VARIANCE plane (units nJy^2)")
     return weight
 
 

@@ -25,6 +25,10 @@ from .skymap import Box, SkyMap
 NO_DATA = 1 << CANONICAL_PLANES["NO_DATA"]
 MAX_WARP_BYTES = 8 * 2**30  # refuse absurd files before reading them
 WCS_TOLERANCE_PX = 1e-3
+# A warp's scalar weight (1/nJy^2) must lie in this range: outside it w^2 * var over- or
+# underflows float64 in the sums (an absurd WEIGHT header, or a variance plane in the
+# wrong units), which would leave non-finite accumulators in the state.
+WEIGHT_RANGE = (1e-30, 1e30)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,9 @@ def _parse(path, data, hdul, skymap, bad_planes, noise_realizations) -> Warp:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
                 or not np.isfinite(weight) or weight <= 0:
             raise WarpRejected(path, f"header WEIGHT must be a positive finite number, got {weight!r}")
+        if not WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]:
+            raise WarpRejected(path, f"header WEIGHT = {weight!r} is outside the sane range "
+                                     f"{WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g} (1/nJy^2)")
         weight = float(weight)
     tract = skymap.tract(tract_id)
 
