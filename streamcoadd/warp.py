@@ -110,6 +110,7 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         raise WarpRejected(path, "the file is empty")
     if not data.startswith(b"SIMPLE  ="):
         raise WarpRejected(path, "not a FITS file (it does not start with 'SIMPLE  =')")
+    _check_declared_sizes(path, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", AstropyWarning)
@@ -123,6 +124,59 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
             fits.VerifyError, MemoryError, OverflowError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WarpRejected(path, f"not a readable warp FITS file ({msg[:300]})") from None
+
+
+MAX_NAXIS = 3  # a warp's HDUs are 2-D images, a 3-D PSF cube, or a (2-D) table
+
+
+def _check_declared_sizes(path: str, data: bytes) -> None:
+    """Walk the HDU headers and refuse absurd dimensions before astropy sees them: astropy
+    loops over ``range(NAXIS)`` (NAXIS = 10**9 in a tiny file would run for hours and eat
+    memory) and trusts NAXISn. Anything this simple parser does not understand is left
+    to astropy, which rejects it."""
+    pos, n = 0, len(data)
+    while pos < n:
+        axes, bitpix, pcount, gcount = {}, None, 0, 1
+        end = None
+        for off in range(pos, min(n - 79, pos + 2880 * 100), 80):
+            key = data[off:off + 8].rstrip()
+            if key == b"END":
+                end = off + 80
+                break
+            if data[off + 8:off + 10] != b"= ":
+                continue
+            value = data[off + 10:off + 80].split(b"/")[0].strip()
+            if key.startswith(b"NAXIS") or key in (b"BITPIX", b"PCOUNT", b"GCOUNT"):
+                try:
+                    v = int(value)
+                except ValueError:
+                    return  # not an integer: astropy reports it
+                if key == b"NAXIS":
+                    if not 0 <= v <= MAX_NAXIS:
+                        raise WarpRejected(path, f"header declares NAXIS = {v}; a warp HDU "
+                                                 f"has at most {MAX_NAXIS} axes")
+                elif key == b"BITPIX":
+                    bitpix = v
+                elif key == b"PCOUNT":
+                    pcount = v
+                elif key == b"GCOUNT":
+                    gcount = v
+                else:
+                    axes[key] = v
+        if end is None:
+            return  # no END card: astropy reports the broken header
+        dims = list(axes.values())
+        if any(v < 0 for v in dims) or pcount < 0 or gcount < 0:
+            raise WarpRejected(path, f"header declares a negative size {sorted(axes.items())}")
+        size = 0
+        if dims and bitpix is not None:
+            size = abs(bitpix) // 8 * gcount * (pcount + int(np.prod(dims, dtype=object)))
+        start = -(-end // 2880) * 2880  # the header is padded to a 2880-byte block
+        if start + size > n:
+            raise WarpRejected(path, f"an HDU declares {size} bytes of data "
+                                     f"({' x '.join(str(v) for v in dims)}) but the file has "
+                                     f"only {max(0, n - start)} bytes left: truncated or corrupt")
+        pos = start + -(-size // 2880) * 2880
 
 
 def _read_bytes(path: str) -> bytes:
