@@ -120,8 +120,8 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         raise
     except UserError as e:
         raise WarpRejected(path, str(e)) from None
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AstropyWarning,
-            fits.VerifyError, MemoryError, OverflowError) as e:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            AstropyWarning, fits.VerifyError, MemoryError, OverflowError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WarpRejected(path, f"not a readable warp FITS file ({msg[:300]})") from None
 
@@ -150,7 +150,16 @@ def _check_declared_sizes(path: str, data: bytes) -> None:
                 try:
                     v = int(value)
                 except ValueError:
-                    return  # not an integer: astropy reports it
+                    try:  # astropy may still take '1E9' or '1.0E9' as a number
+                        v = float(value.replace(b"D", b"E"))
+                        if not np.isfinite(v) or v != int(v):
+                            raise ValueError
+                        v = int(v)
+                    except ValueError:
+                        if key == b"NAXIS":
+                            raise WarpRejected(path, f"header NAXIS = {value[:20]!r} is not "
+                                                     "an integer") from None
+                        continue  # astropy reports it
                 if key == b"NAXIS":
                     if not 0 <= v <= MAX_NAXIS:
                         raise WarpRejected(path, f"header declares NAXIS = {v}; a warp HDU "
@@ -204,8 +213,8 @@ def _hdu(path, hdul, name):
     except KeyError:
         present = ", ".join(h.name for h in hdul[1:]) or "none"
         raise WarpRejected(path, f"missing HDU {name!r} (extensions present: {present})") from None
-    if hdu.data is None:
-        raise WarpRejected(path, f"HDU {name!r} holds no data")
+    if getattr(hdu, "data", None) is None:  # an HDU astropy cannot classify has no .data
+        raise WarpRejected(path, f"HDU {name!r} holds no data (or is not a valid image HDU)")
     return hdu
 
 
