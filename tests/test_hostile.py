@@ -409,7 +409,7 @@ def test_daemon_symlink_out_of_inbox_and_broken_files(base, tmp_path):
 
 # ----------------------------------------------------------------------------- fuzz
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _VALID = None
@@ -474,6 +474,7 @@ def _check(data: bytes):
 @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
 @given(flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 255)), min_size=1,
                       max_size=8))
+@example(flips=[(0, 1), (0, 1), (479001600, 1)])  # found: an HDU astropy cannot classify
 def test_fuzz_bit_flips(flips):
     data = bytearray(_valid_bytes())
     for pos, x in flips:
@@ -490,6 +491,8 @@ def test_fuzz_truncations(cut, tail):
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(edits=st.lists(st.tuples(st.integers(0, 10**6), VALUES), min_size=1, max_size=4))
+@example(edits=[(2, "1000000000")])  # found: NAXIS = 10**9 made astropy loop for hours
+@example(edits=[(1, "'abc'"), (2, "1E+9")])
 def test_fuzz_header_edits(edits):
     data = bytearray(_valid_bytes())
     keys = _keys(bytes(data))
