@@ -7,6 +7,7 @@ unless ``STREAMCOADD_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -318,9 +319,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("streamcoadd: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
         if os.environ.get("STREAMCOADD_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # disk full anywhere else (the lock file, ...): a message, not a traceback
+            from .errors import write_error_message
+
+            print(f"streamcoadd: error: {write_error_message(e.filename or 'the state', e)}",
+                  file=sys.stderr)
+            return 2
         import traceback
 
         print("streamcoadd: internal error (a bug; please report it with this trace):",

@@ -30,7 +30,7 @@ from pathlib import Path
 from .cellfile import read_cell_file, write_cell_file
 from .config import FoldConfig
 from .durable import crash_point, fsync_dir, makedirs_durable, write_atomic
-from .errors import StateError, UserError
+from .errors import StateError, StateWriteError, UserError, write_error_message
 from .fold import CellAccumulator
 from .ledger import Ledger
 from .skymap import CellId, PatchId, SkyMap, skymap_from_dict
@@ -298,7 +298,15 @@ class StateStore:
         """Make every dirty shard durable (see the module docstring for the protocol)."""
         for shard in self.shards.values():
             if shard.changed:
-                self._commit_shard(shard)
+                try:
+                    self._commit_shard(shard)
+                except OSError as e:  # disk full, quota, I/O error
+                    if not self.shard_locking:  # free the space this commit took
+                        try:
+                            self._recover_shard(shard.patch, shard.band)
+                        except OSError:
+                            pass
+                    raise StateWriteError(write_error_message(str(shard.directory), e)) from e
         self.trim_cache(self.cache_bytes)
 
     cache_bytes: int = int(2e9)
