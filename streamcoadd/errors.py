@@ -22,9 +22,18 @@ class StateError(UserError):
     """The state directory is missing, of another version, or damaged."""
 
 
-class StateWriteError(StateError):
+class StateWriteError(StateError, OSError):
     """Writing the state failed (disk full, quota, I/O error). Nothing was half-written:
-    every earlier commit is intact and the warps of the failed commit are still pending."""
+    every earlier commit is intact and the warps of the failed commit are still pending.
+    Also an ``OSError`` (with the original ``errno``), so callers that treat I/O errors
+    as temporary (the daemon) do so."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        OSError.__init__(self, errno_, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def write_error_message(what: str, e: BaseException) -> str:

@@ -133,7 +133,8 @@ class Ledger:
                     except sqlite3.Error:
                         pass
                 if isinstance(exc, (sqlite3.OperationalError, OSError)):
-                    raise StateWriteError(write_error_message(str(path), exc)) from exc
+                    raise StateWriteError(write_error_message(str(path), exc),
+                                          getattr(exc, "errno", None)) from exc
                 return False
 
         return _Tx()

@@ -306,7 +306,8 @@ class StateStore:
                             self._recover_shard(shard.patch, shard.band)
                         except OSError:
                             pass
-                    raise StateWriteError(write_error_message(str(shard.directory), e)) from e
+                    raise StateWriteError(write_error_message(str(shard.directory), e),
+                                          e.errno) from e
         self.trim_cache(self.cache_bytes)
 
     cache_bytes: int = int(2e9)
