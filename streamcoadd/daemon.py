@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .durable import crash_point
 from .errors import UserError
 from .inbox import DEFAULT_PATTERNS, Inbox, fingerprint
 
@@ -626,6 +627,7 @@ class Daemon:
             log.error("%s (it is folded; it will be seen as a duplicate later)", self.last_error)
             self.inbox.forget(name, hold_seconds=60.0)
         else:
+            crash_point("daemon-moved-done")
             self.inbox.forget(name, removed=True)
             if fsync:
                 _fsync_dir(self.inbox_dir)
@@ -688,6 +690,7 @@ class Daemon:
             self.state = "failed"
             return EXIT_SOFTWARE
         dt = time.monotonic() - t
+        crash_point("daemon-before-done")  # durable, still in the inbox: replayed as duplicate
         self.counts.commits += 1
         seen = set()
         for o in outcomes or ():
