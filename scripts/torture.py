@@ -12,7 +12,7 @@ until every warp is done. Then it compares the state with an uninterrupted refer
 * every shard manifest lists the same warps and cells; the ledger has the same rows
   (status, n_cells);
 * no stray ``.tmp`` file, no generation file that no manifest names, every HDF5 file
-  readable (all datasets read, so HDF5 verifies their Fletcher-32 checksums);
+  readable and every dataset matches its CRC-32 checksum;
 * ``streamcoadd.verify.verify_state`` finds nothing.
 
 After every single kill the state is also checked *before* the restart: ``verify_state``
@@ -307,6 +307,8 @@ def hygiene(state: Path) -> list[str]:
     """No stray temporary files, no unreferenced generation, every HDF5 file fully readable."""
     import h5py
 
+    from streamcoadd.cellfile import read_cell_file
+
     problems = [f"stray temporary file {p}" for p in state.rglob("*.tmp")]
     live = set()
     for m in (state / "shards").glob("t*/p*/*/manifest.json"):
@@ -318,6 +320,7 @@ def hygiene(state: Path) -> list[str]:
         try:
             with h5py.File(f, "r", locking=False) as h:
                 h.visititems(lambda n, o: o[()] if isinstance(o, h5py.Dataset) else None)
+            read_cell_file(f)  # checks every dataset's CRC-32
         except Exception as e:  # noqa: BLE001
             problems.append(f"unreadable HDF5 {f}: {e}")
     for f in live:

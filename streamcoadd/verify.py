@@ -7,7 +7,8 @@ a writer does when it opens the state). Checks, in order:
 * ``ledger.sqlite`` opens and passes SQLite's ``quick_check``;
 * every shard ``manifest.json`` parses, has the documented fields, and matches its directory;
 * every cell file a manifest names exists and is fully readable -- every dataset is read, so
-  HDF5 verifies its Fletcher-32 checksum -- and its attributes name that cell and generation;
+  its CRC-32 checksum (attribute ``crc32``) is checked -- and its attributes name that cell
+  and generation;
 * within each cell: every contributor's ``content_hash`` is one of the manifest's warps with
   the same (visit, detector); no (visit, detector) twice; ``psf_w`` equals the sum of the
   contributor weights; sums are finite;
