@@ -139,7 +139,8 @@ def _cli_argv(mode: str, state: Path, warps: list[Path], inbox: Path | None, com
                 "--quiet"]
     return ["watch", str(state), "--inbox", str(inbox), "--done", str(inbox.parent / "done"),
             "--rejected", str(inbox.parent / "rejected"), "--until-idle", "0.3",
-            "--commit-every", str(commit_every), "--poll", "0.05"]
+            "--commit-every", str(commit_every), "--idle-commit", "0.1", "--poll", "0.05",
+            "--stable-seconds", "0.2"]
 
 
 @dataclass
@@ -364,7 +365,7 @@ def count_hits(mode: str, warps, workdir: Path, commit_every: int) -> dict[str, 
     st = workdir / "count-state"
     shutil.rmtree(st, ignore_errors=True)
     _quiet(main, ["init", str(st), "--skymap", str(SKYMAP)])
-    inbox = _fill_inbox(workdir / "count-inbox", warps) if mode == "daemon" else None
+    inbox = _fill_inbox(workdir / "count-box" / "inbox", warps) if mode == "daemon" else None
     try:
         for m, _ in saved:
             m.crash_point = lambda name: hits.update([name])
