@@ -521,6 +521,14 @@ class Daemon:
             self.inbox.forget(name)
             return None
         fp = fingerprint(st)
+        if path.is_symlink():
+            target = Path(os.path.realpath(path))
+            inbox = Path(os.path.realpath(self.inbox_dir))
+            if inbox not in target.parents:
+                self._reject(name, fp, f"symbolic link pointing out of the inbox (to {target}); "
+                                       "refused: deliver the file itself (write NAME.tmp, "
+                                       "rename)", None)
+                return None
         try:
             o = self.ing.submit(path)
         except WarpRejected as e:  # contract: rejections are outcomes, but be lenient
