@@ -415,6 +415,9 @@ class Daemon:
 
         # the lock first: a second daemon must not touch anything
         self.store = StateStore.open(self.state_dir, write=True)
+        # a status file write interrupted by a crash left .NAME.PID.tmp: we hold the lock
+        for stale in self.status_file.parent.glob(f".{self.status_file.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         try:
             self._check_dirs()
             self._install_signals()
