@@ -30,7 +30,7 @@ torture = _torture()
 
 def test_every_crash_point_then_random_kills(tmp_path):
     modes = ("ingest", "daemon") if torture.daemon_available() else ("ingest",)
-    tally = torture.torture(kills=32, modes=modes, workdir=tmp_path, n_warps=8, seed=11,
+    tally = torture.torture(kills=32, modes=modes, workdir=tmp_path, n_warps=6, seed=11,
                             exec_fraction=0.05, kills_per_episode=8, commit_every=2)
     summary = tally.summary()
     print(summary)
