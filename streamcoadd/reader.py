@@ -594,19 +594,45 @@ class TractView:
         return (self.geometry.num_patches[1] * g.cells_per_patch_inner,
                 self.geometry.num_patches[0] * g.cells_per_patch_inner)
 
-    def _tract_map(self, band: str, column: str) -> np.ndarray:
-        """Per-cell values over the whole tract, using each patch's *inner* cells (which
-        tile the tract without overlap); shape ``cell_grid()``."""
+    def summary(self, band: str) -> Table:
+        """``PatchView.summary()`` of every populated patch of the tract, stacked, with
+        ``patch_x``, ``patch_y`` columns and ``inner`` (True for a patch-inner cell: those
+        tile the tract without overlap; border cells repeat a neighbour's inner cell)."""
+        from astropy.table import vstack
+
+        g = self.geometry.cells
+        n, b = g.cells_per_patch, g.cells_in_patch_border
+        parts = []
+        for p in self.patches(band):
+            t = p.summary()
+            t.add_column(p.id.x, name="patch_x", index=0)
+            t.add_column(p.id.y, name="patch_y", index=1)
+            t["inner"] = ((t["cell_x"] >= b) & (t["cell_x"] < n - b)
+                          & (t["cell_y"] >= b) & (t["cell_y"] < n - b))
+            parts.append(t)
+        if not parts:
+            names = ["patch_x", "patch_y"] + [c for c, _ in SUMMARY_COLUMNS] + ["inner"]
+            dtypes = [int, int] + [d for _, d in SUMMARY_COLUMNS] + [bool]
+            return Table(names=names, dtype=dtypes)
+        t = vstack(parts, metadata_conflicts="silent")
+        t.meta = {"tract": self.id, "band": band}
+        return t
+
+    def map_from_summary(self, table: Table, column: str) -> np.ndarray:
+        """Place ``column`` of a ``summary()`` table on the tract grid of patch-inner cells
+        (shape ``cell_grid()``, row = y): 0 / NaN where no cell."""
         g = self.geometry.cells
         k, b = g.cells_per_patch_inner, g.cells_in_patch_border
-        kind = int if column == "n_inputs" else float
+        kind = int if column in ("n_inputs", "n_fallback") else float
         out = np.full(self.cell_grid(), 0 if kind is int else np.nan, dtype=kind)
-        for p in self.patches(band):
-            for r in p.summary():
-                ix, iy = r["cell_x"] - b, r["cell_y"] - b
-                if 0 <= ix < k and 0 <= iy < k:
-                    out[p.id.y * k + iy, p.id.x * k + ix] = r[column]
+        for r in table:
+            ix, iy = int(r["cell_x"]) - b, int(r["cell_y"]) - b
+            if 0 <= ix < k and 0 <= iy < k:
+                out[int(r["patch_y"]) * k + iy, int(r["patch_x"]) * k + ix] = r[column]
         return out
+
+    def _tract_map(self, band: str, column: str) -> np.ndarray:
+        return self.map_from_summary(self.summary(band), column)
 
     def depth_map(self, band: str) -> np.ndarray:
         """Inputs per cell over the tract (patch-inner cells), shape ``cell_grid()``."""
