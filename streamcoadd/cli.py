@@ -104,7 +104,7 @@ def cmd_ingest(args) -> int:
     rejected = []
     t0 = time.perf_counter()
     with StateStore.open(args.state, write=True) as store:
-        ing = Ingestor(store, run_config(args))
+        ing = Ingestor(store, run_config(args), allow_refold=args.allow_refold)
         bar = _progress(len(files), args.quiet)
         try:
             for f in files:
@@ -129,6 +129,19 @@ def cmd_ingest(args) -> int:
     for o in rejected:
         print(f"  rejected {o.path}: {o.reason}")
     return 1 if rejected else 0
+
+
+def cmd_retract(args) -> int:
+    from .retract import retract
+    from .state import StateStore
+
+    with StateStore.open(args.state, write=True) as store:
+        rep = retract(store, args.visit, args.detector, args.tract, args.reason,
+                      args.file, args.search)
+    for r in rep.warps:
+        print(f"retracted visit {r.visit} detector {r.detector} (tract {r.tract}, band {r.band})")
+    print(f"{len(rep.warps)} warp(s) retracted from {rep.cells} cell(s)")
+    return 0
 
 
 # ---------------------------------------------------------------------- finalize
@@ -248,7 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--commit-every", type=int, dest="commit_every",
                    help="warps folded in memory per durable commit")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--allow-refold", action="store_true",
+                   help="fold again warps that were retracted")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("retract", help="remove a visit's contribution from every cell")
+    s.add_argument("state")
+    s.add_argument("--visit", type=int, required=True)
+    s.add_argument("--detector", type=int)
+    s.add_argument("--tract", type=int)
+    s.add_argument("--reason", default="", help="logged in the state (status shows it)")
+    s.add_argument("--file", action="append", default=[],
+                   help="the warp file, if it is no longer where it was folded from")
+    s.add_argument("--search", action="append", default=[],
+                   help="directory to look for the warp file in (e.g. done/)")
+    s.set_defaults(func=cmd_retract)
 
     s = sub.add_parser("finalize", help="write coadd FITS files from the state")
     s.add_argument("state")

@@ -303,18 +303,41 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
         physical_filter=wp.physical_filter, mjd=wp.mjd))
 
 
-def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box) -> None:
-    """Per-pixel sums over the part of the cell outer box that the warp covers."""
+def unfold_cell(acc: CellAccumulator, content_hash: str, pw: PreparedWarp,
+                centre: tuple[int, int], config: FoldConfig) -> bool:
+    """Remove one warp's contribution from a cell (retraction); the inverse of
+    :func:`fold_cell`. Returns False if the warp is not a contributor of the cell.
+    A group left without inputs is dropped whole, so it is exactly as if never folded."""
+    for name, sums in list(acc.groups.items()):
+        rows = [c for c in sums.contributors if c.content_hash == content_hash]
+        if not rows:
+            continue
+        sums.contributors = [c for c in sums.contributors if c.content_hash != content_hash]
+        if not sums.contributors:
+            del acc.groups[name]
+            return True
+        accumulate_pixels(sums, pw, acc.outer, sign=-1)
+        w = np.float64(rows[0].weight)
+        sums.psf_sum -= w * resize_stamp(pw.warp.psf.at(*centre), config.psf_size)
+        sums.psf_w -= float(w)
+        return True
+    return False
+
+
+def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 1) -> None:
+    """Per-pixel sums over the part of the cell outer box that the warp covers
+    (``sign = -1`` subtracts them again)."""
     part = outer.intersection(pw.box)
     ws = part.slices(pw.warp.xy0)
     cs = part.slices((outer.x0, outer.y0))
     w = np.float64(pw.weight)
+    ws_ = np.float64(sign) * w  # signed weight
     valid = pw.valid[ws]
     if valid.all():
-        wv = w  # the common case: a scalar weight over the whole box
-        sums.sum_w[cs] += w
+        wv = ws_  # the common case: a scalar weight over the whole box
+        sums.sum_w[cs] += ws_
     else:
-        wv = valid * w
+        wv = valid * ws_
         sums.sum_w[cs] += wv
     tmp = np.empty(part.shape, np.float64)
     np.multiply(pw.image[ws], wv, out=tmp)
@@ -326,22 +349,31 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box) -> None:
         sums.noise[k][cs] += tmp
     bad = pw.bad[ws]
     if bad.any():
-        sums.sum_w_interp[cs] += bad * w
+        sums.sum_w_interp[cs] += bad * ws_
     for name, plane in pw.planes.items():
         p = plane[ws]
         if p.any():
             arr = sums.planes.get(name)
             if arr is None:
                 arr = sums.planes[name] = np.zeros(outer.shape, np.float64)
-            arr[cs] += p * w
+            arr[cs] += p * ws_
     or_mask = pw.or_mask[ws]
     bits = int(np.bitwise_or.reduce(or_mask, axis=None))
-    if bits:
-        # Per-bit input counts make the OR reversible (retraction) and order independent.
+    if not bits:
+        return
+    # Per-bit input counts make the OR reversible (retraction).
+    for bit in range(32):
+        if bits >> bit & 1:
+            cnt = sums.bit_counts.get(bit)
+            if cnt is None:
+                cnt = sums.bit_counts[bit] = np.zeros(outer.shape, np.int32)
+            cnt[cs] += sign * ((or_mask >> bit) & 1)
+    if sign > 0:
         sums.mask_or[cs] |= or_mask
-        for bit in range(32):
-            if bits >> bit & 1:
-                cnt = sums.bit_counts.get(bit)
-                if cnt is None:
-                    cnt = sums.bit_counts[bit] = np.zeros(outer.shape, np.int32)
-                cnt[cs] += (or_mask >> bit) & 1
+    else:
+        sums.mask_or[...] = 0
+        for bit, cnt in list(sums.bit_counts.items()):
+            if cnt.any():
+                sums.mask_or |= (cnt > 0).astype(np.int32) << bit
+            else:
+                del sums.bit_counts[bit]

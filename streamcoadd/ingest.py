@@ -36,11 +36,13 @@ class Outcome:
 
 
 class Ingestor:
-    def __init__(self, store: StateStore, run: RunConfig = RunConfig()):
+    def __init__(self, store: StateStore, run: RunConfig = RunConfig(),
+                 allow_refold: bool = False):
         if not store.write:
             raise ValueError("Ingestor needs a state opened for writing")
         self.store = store
         self.run = run
+        self.allow_refold = allow_refold  # fold again warps that were retracted
         store.cache_bytes = int(run.cache_gb * 1e9)
         self._pending: list[Outcome] = []
         self._first_pending_at: float | None = None
@@ -96,9 +98,9 @@ class Ingestor:
             return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
                            warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
                            content_hash=h)
-        if rec is not None:
+        if rec is not None and not self.allow_refold:
             raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was "
-                                     "retracted; refold it with 'streamcoadd ingest --allow-refold'")
+                                     "retracted; to fold it again use 'streamcoadd ingest --allow-refold'")
         for o in self._pending:
             if o.content_hash == h:
                 return Outcome(path, "duplicate", reason=f"same content as {o.path}",

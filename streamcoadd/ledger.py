@@ -99,6 +99,13 @@ class Ledger:
             self.db.execute("UPDATE warps SET status = ? WHERE content_hash = ?",
                             (status, content_hash))
 
+    def set_path(self, content_hash: str, path: str) -> None:
+        """Where the warp file now lives (the daemon moves it to done/): retraction
+        needs the file again."""
+        with self._transaction():
+            self.db.execute("UPDATE warps SET path = ? WHERE content_hash = ?",
+                            (path, content_hash))
+
     def warps(self) -> list[WarpRecord]:
         return [WarpRecord(*r) for r in self.db.execute("SELECT * FROM warps ORDER BY at")]
 

@@ -62,7 +62,12 @@ class Shard:
     cells: dict[CellId, CellAccumulator] = field(default_factory=dict)
     dirty: set[CellId] = field(default_factory=set)
     pending_warps: dict[str, tuple[int, int]] = field(default_factory=dict)
+    removed_warps: set[str] = field(default_factory=set)  # retracted in this commit
     last_used: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.dirty or self.pending_warps or self.removed_warps)
 
     @property
     def nbytes(self) -> int:
@@ -284,13 +289,13 @@ class StateStore:
         the middle of a fold: the inbox still holds those warps)."""
         for key in list(self.shards):
             s = self.shards[key]
-            if s.dirty or s.pending_warps:
+            if s.changed:
                 del self.shards[key]
 
     def commit(self) -> None:
         """Make every dirty shard durable (see the module docstring for the protocol)."""
         for shard in self.shards.values():
-            if shard.dirty or shard.pending_warps:
+            if shard.changed:
                 self._commit_shard(shard)
         self.trim_cache(self.cache_bytes)
 
@@ -318,19 +323,24 @@ class StateStore:
         d = shard.directory
         gen = shard.commit + 1
         tract = self.skymap.tract(shard.patch.tract)
-        old = {}
+        cell_gens = dict(shard.cell_gens)
+        superseded = []
         for cell in sorted(shard.dirty):
             acc = shard.cells[cell]
-            write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
-                            tract.cell_inner_box(cell))
             key = (cell.x, cell.y)
-            if key in shard.cell_gens:
-                old[key] = shard.cell_gens[key]
+            if key in cell_gens:
+                superseded.append(d / self.cell_filename(cell, cell_gens[key]))
+            if acc.groups:
+                write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
+                                tract.cell_inner_box(cell))
+                cell_gens[key] = gen
+            else:  # emptied by a retraction
+                cell_gens.pop(key, None)
+                del shard.cells[cell]
         fsync_dir(d)
         crash_point("cells-durable")
-        cell_gens = dict(shard.cell_gens)
-        cell_gens.update({(c.x, c.y): gen for c in shard.dirty})
-        warps = {**shard.warps, **shard.pending_warps}
+        warps = {h: v for h, v in {**shard.warps, **shard.pending_warps}.items()
+                 if h not in shard.removed_warps}
         manifest = {
             "format": "streamcoadd-shard", "version": STATE_VERSION,
             "tract": shard.patch.tract, "patch": [shard.patch.x, shard.patch.y],
@@ -343,9 +353,10 @@ class StateStore:
         shard.commit, shard.cell_gens, shard.warps = gen, cell_gens, warps
         shard.dirty.clear()
         shard.pending_warps = {}
-        for (x, y), g in old.items():
+        shard.removed_warps = set()
+        for f in superseded:
             try:
-                (d / f"c{x}-{y}.g{g}.h5").unlink()
+                f.unlink()
             except FileNotFoundError:
                 pass
 
