@@ -463,8 +463,7 @@ def quicklook_figure(view: View, table=None):
     disp = _block_reduce(image, f) if f > 1 else image
     fig, ax = _new_figure(view, 8.8, 7.6)
     _empty_background(ax, view)
-    cmap = colormaps["gray"].copy()
-    cmap.set_bad(alpha=0.0)
+    cmap = colormaps["gray"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     extent = (box.x0 - 0.5, box.x0 - 0.5 + disp.shape[1] * f,
               box.y0 - 0.5, box.y0 - 0.5 + disp.shape[0] * f)
     im = ax.imshow(np.ma.masked_invalid(disp), origin="lower", cmap=cmap, norm=norm,

@@ -84,14 +84,17 @@ def cli(*args, ok=True, env=None):
     return r
 
 
-def write_warps(d: Path, visits=None, band="r") -> list[Path]:
+def write_warps(d: Path, visits=None, band="r", visit_offset=0) -> list[Path]:
+    """Warps of ``visits`` (keys of WARPS) in ``band``; a visit has one band, so another
+    band needs a ``visit_offset`` (its visit ids are ``v + visit_offset``)."""
     tract = load_skymap(SKYMAP).tract(0)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
     for v in visits or WARPS:
         image, mask, variance, psf = warp_arrays(v)
         paths.append(write_warp(d / f"{band}_v{v}.fits", tract=tract, xy0=WARPS[v][0],
-                                image=image, mask=mask, variance=variance, psf=psf, visit=v,
+                                image=image, mask=mask, variance=variance, psf=psf,
+                                visit=v + visit_offset,
                                 detector=0, band=band, mjd=60000.0 + v))
     return paths
 
@@ -100,8 +103,9 @@ def build_state(tmp: Path, bands=("r",)) -> Path:
     """A state with visits 1-3 (band r; other bands get the same warps) via the CLI."""
     state = tmp / "state"
     cli("init", state, "--skymap", SKYMAP)
-    for b in bands:
-        cli("ingest", state, *write_warps(tmp / f"warps_{b}", band=b), "--quiet")
+    for i, b in enumerate(bands):
+        cli("ingest", state, *write_warps(tmp / f"warps_{b}", band=b, visit_offset=100 * i),
+            "--quiet")
     return state
 
 
