@@ -39,7 +39,8 @@ def test_doc_has_the_promised_examples():
                    "weight_map", "accumulators", "make_figure"):
         assert needle in joined, needle
     standalone = [b for b in blocks if "import h5py" in b]
-    assert len(standalone) == 1 and "streamcoadd" not in standalone[0]
+    assert len(standalone) == 1 and "import streamcoadd" not in standalone[0]
+    assert "from streamcoadd" not in standalone[0]
     for png in re.findall(r"\((analysis_[a-z_]+\.png)\)", DOC.read_text()):
         assert (DOC.parent / png).exists(), png
 
