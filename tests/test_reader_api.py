@@ -375,3 +375,37 @@ def test_reads_while_ingest_commits(tmp_path):
     assert len(seen_depths) >= 2, f"reads did not overlap the commits: {seen_depths}"
     with streamcoadd.open_state(state) as st:
         assert st.patch(P00, "r").depth_map()[0, 0] == 12
+
+
+def test_status_table_and_json(tmp_path):
+    """'streamcoadd status': per band and patch, cells populated, median depth, last update;
+    --json carries the same numbers; a retraction is listed with its reason."""
+    state = build_state(tmp_path)
+    with streamcoadd.open_state(state) as st:
+        depth = st.patch(P00, "r").depth_map()
+    median = float(np.median(depth[depth > 0]))
+    r = cli("status", state)
+    lines = r.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("band"))
+    for col in ("tract", "patch", "cells", "median depth", "max depth", "last update"):
+        assert col in header
+    row = next(line for line in lines if line.split()[:3] == ["r", "0", "0,0"])
+    fields = row.split()
+    assert fields[3] == f"{int((depth > 0).sum())}/64"
+    assert float(fields[4]) == median and int(fields[5]) == depth.max() == 3
+    assert "ago)" in row
+    rep = json.loads(cli("status", state, "--json").stdout)
+    s = next(s for s in rep["shards"] if s["patch"] == [0, 0] and s["band"] == "r")
+    assert s["median_depth"] == median and s["cells_populated"] == 63
+    assert s["cells_total"] == 64 and s["updated"] > 0
+    assert rep["warps"] == {"folded": 3} and rep["retractions"] == []
+
+    cli("retract", state, "--visit", 3, "--reason", "QA: satellite trail")
+    r = cli("status", state)
+    assert "retractions:" in r.stdout and "QA: satellite trail" in r.stdout
+    assert "1 retracted" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.split()[:3] == ["r", "0", "0,0"])
+    with streamcoadd.open_state(state) as st:
+        depth = st.patch(P00, "r").depth_map()
+        assert 3 not in st.patch(P00, "r").contributors()["visit"]
+    assert float(row.split()[4]) == float(np.median(depth[depth > 0]))
