@@ -31,6 +31,7 @@ from .skymap import Box, PatchId
 
 KINDS = ("depth", "weight", "psf", "quicklook")
 MAX_IMAGE_PX = 3000  # quick-looks larger than this are block-averaged down
+MAX_GRID_LINES = 90  # denser cell grids are not drawn (patch boundaries still are)
 EMPTY_COLOR = "#d9d9d9"
 HATCH_COLOR = "#8c8c8c"
 
@@ -188,10 +189,11 @@ def _decorate(ax, view: View, grid_color="white", grid_alpha=0.55, label_color="
     xs = np.arange(frame.x0, frame.x1 + 1, step) - 0.5
     ys = np.arange(frame.y0, frame.y1 + 1, step) - 0.5
     lw = 0.5 if max(len(xs), len(ys)) > 30 else 0.8
-    ax.vlines(xs, frame.y0 - 0.5, frame.y1 - 0.5, colors=grid_color, alpha=grid_alpha,
-              linewidths=lw, zorder=3)
-    ax.hlines(ys, frame.x0 - 0.5, frame.x1 - 0.5, colors=grid_color, alpha=grid_alpha,
-              linewidths=lw, zorder=3)
+    if max(len(xs), len(ys)) <= MAX_GRID_LINES:  # beyond, only patch boundaries are drawn
+        ax.vlines(xs, frame.y0 - 0.5, frame.y1 - 0.5, colors=grid_color, alpha=grid_alpha,
+                  linewidths=lw, zorder=3)
+        ax.hlines(ys, frame.x0 - 0.5, frame.x1 - 0.5, colors=grid_color, alpha=grid_alpha,
+                  linewidths=lw, zorder=3)
     outline = dict(fill=False, zorder=4, edgecolor=label_color, linewidth=2.0)
     text = dict(color=label_color, fontsize=8.5, fontweight="bold", zorder=7, ha="left",
                 va="top", bbox=dict(boxstyle="round,pad=0.15", facecolor="black", alpha=0.45,
@@ -393,34 +395,55 @@ def _nice_ref(emax: float) -> float:
 
 # --------------------------------------------------------------------------- quick-look
 
-def stitched_image(view: View):
-    """(image, mask, box) of the view: one stitched patch, or the tract's patches' inner
-    regions placed side by side (patch edges extended outwards on the tract border)."""
+def binning(view: View, max_px: int | None = None) -> int:
+    """Block size for the quick-look: 1 up to ``max_px`` pixels across, else the smallest
+    factor that brings it under and divides the patch inner size (patches stay aligned)."""
+    max_px = max_px or MAX_IMAGE_PX
+    geo = view.tract.geometry
+    shape = (_frame(view).height, _frame(view).width)
+    f = max(1, int(math.ceil(max(shape) / max_px)))
+    if f > 1 and view.patch is None:
+        while geo.cells.patch_inner % f:
+            f += 1
+    return f
+
+
+def stitched_image(view: View, f: int = 1):
+    """(image, sat, box) of the view, binned ``f`` x ``f`` (mean; ``sat`` where any pixel
+    has SAT): one stitched patch (its cell grid), or the patches' inner regions placed in
+    the tract, one patch at a time so memory stays that of one patch plus the result."""
     from .finalize import BIT
 
+    sat_bit = BIT["SAT"]
     if view.patch is not None:
         ccd = view.patch.stitched()
-        box = view.patch.outer_box.grown(-view.tract.geometry.cells.border)
+        box = _frame(view)
         ob = view.patch.outer_box
         sl = box.slices((ob.x0, ob.y0))
-        return np.asarray(ccd.data)[sl], np.asarray(ccd.flags)[sl], box
+        image, mask = np.asarray(ccd.data)[sl], np.asarray(ccd.flags)[sl]
+        return (_block_reduce(image, f), _block_reduce((mask & sat_bit) != 0, f, np.any),
+                box)
     box = view.tract.inner_box
-    image = np.full(box.shape, np.nan, np.float32)
-    mask = np.full(box.shape, BIT["NO_DATA"], np.int32)
+    image = np.full((box.height // f, box.width // f), np.nan, np.float32)
+    sat = np.zeros(image.shape, bool)
     geo = view.tract.geometry
     for pv in view.patches:
         ccd = pv.stitched()
         ib = geo.patch_inner_box(pv.id).intersection(box)
         src = ib.slices((pv.outer_box.x0, pv.outer_box.y0))
-        dst = ib.slices((box.x0, box.y0))
-        image[dst] = np.asarray(ccd.data)[src]
-        mask[dst] = np.asarray(ccd.flags)[src]
-    return image, mask, box
+        dst = Box(ib.x0 // f, ib.y0 // f, ib.x1 // f, ib.y1 // f).slices((box.x0, box.y0))
+        image[dst] = _block_reduce(np.asarray(ccd.data)[src], f)
+        sat[dst] = _block_reduce((np.asarray(ccd.flags)[src] & sat_bit) != 0, f, np.any)
+        del ccd
+    return image, sat, box
 
 
 def _block_reduce(a: np.ndarray, f: int, fn=np.nanmean):
     if f <= 1:
         return a
+    if fn is np.any:
+        h, w = (a.shape[0] // f) * f, (a.shape[1] // f) * f
+        return a[:h, :w].reshape(h // f, f, w // f, f).any(axis=(1, 3))
     h, w = (a.shape[0] // f) * f, (a.shape[1] // f) * f
     v = a[:h, :w].reshape(h // f, f, w // f, f)
     import warnings
@@ -454,13 +477,12 @@ def quicklook_figure(view: View, table=None):
 
     from .finalize import BIT
 
-    image, mask, box = stitched_image(view)
-    f = int(math.ceil(max(image.shape) / MAX_IMAGE_PX))
-    vmin, vmax = stretch_limits(image)
+    f = binning(view)
+    disp, sat, box = stitched_image(view, f)
+    vmin, vmax = stretch_limits(disp)
     # asinh with its linear part at ~ a few sky sigma: faint galaxies show, cores don't burn
     a = min(0.5, max(1e-3, 10 * (0 - vmin) / 2.5 / (vmax - vmin))) if vmax > vmin else 0.1
     norm = ImageNormalize(vmin=vmin, vmax=vmax, stretch=AsinhStretch(a=a))
-    disp = _block_reduce(image, f) if f > 1 else image
     fig, ax = _new_figure(view, 8.8, 7.6)
     _empty_background(ax, view)
     cmap = colormaps["gray"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
@@ -469,13 +491,10 @@ def quicklook_figure(view: View, table=None):
     im = ax.imshow(np.ma.masked_invalid(disp), origin="lower", cmap=cmap, norm=norm,
                    extent=extent, interpolation="nearest" if f == 1 else "antialiased",
                    zorder=1)
-    # Saturated / interpolated pixels: a faint colour overlay so they can be spotted.
-    sat = (mask & BIT["SAT"]) != 0
+    # Saturated pixels: a colour overlay so that they can be spotted.
     if sat.any():
         ov = np.zeros((*sat.shape, 4))
         ov[sat] = (1.0, 0.35, 0.2, 0.55)
-        if f > 1:
-            ov = ov[::f, ::f][: disp.shape[0], : disp.shape[1]]
         ax.imshow(ov, origin="lower", extent=extent, interpolation="nearest", zorder=2)
     # Empty cells: hatched (the hatched background shows through NaN), outlined.
     geo = view.tract.geometry
@@ -498,7 +517,7 @@ def quicklook_figure(view: View, table=None):
     n_cells = sum(len(p.generations) for p in view.patches)
     sub = f"{n_cells} populated cells · sky σ ≈ {(0 - vmin) / 2.5:.3g} nJy"
     if f > 1:
-        sub += f" · shown binned {f}×{f}"
+        sub += f" · binned {f}×{f}"
     ax.set_title(f"Coadd quick-look\n{view.title} — {sub}", fontsize=11)
     return fig
 

@@ -147,3 +147,24 @@ def test_without_matplotlib_one_clear_line(state, tmp_path):
     r = subprocess.run([sys.executable, "-m", "streamcoadd", "status", str(state)], cwd=ROOT,
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_big_quicklook_is_binned_patch_by_patch(state, monkeypatch):
+    """Large areas are block-averaged (factor dividing the patch size) before drawing."""
+    import streamcoadd.plot as plot
+    from matplotlib.image import AxesImage
+
+    monkeypatch.setattr(plot, "MAX_IMAGE_PX", 200)
+    with streamcoadd.open_state(state) as st:
+        view = plot.select(st)
+        f = plot.binning(view)
+        assert f == 3  # 600 px tract -> 200 px; 3 divides the 300 px patch
+        fig = plot.quicklook_figure(view)
+        im = [a for a in fig.axes[0].get_images() if isinstance(a, AxesImage)][0]
+        data = np.ma.filled(im.get_array(), np.nan)
+        assert data.shape == (200, 200)
+        p = st.patch((0, 0, 0), "r")
+        full = p.stitched().data[60:360, 60:360]  # patch 0,0 inner region, tract px 0..300
+        want = np.nanmean(full.reshape(100, 3, 100, 3), axis=(1, 3))
+        np.testing.assert_allclose(data[:100, :100], want, rtol=1e-6, equal_nan=True)
+        assert "binned 3×3" in fig.axes[0].get_title()
