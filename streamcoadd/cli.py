@@ -210,13 +210,9 @@ def status_report(st, depth: bool = True) -> dict:
             row["max_depth"] = int(populated.max()) if populated.size else 0
         shards.append(row)
     counts = [s["warps"] for s in shards]
-    daemon = None
-    status_file = st.root / "daemon-status.json"
-    if status_file.exists():
-        try:
-            daemon = json.loads(status_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            daemon = {"error": "status file unreadable"}
+    from .daemon import read_status
+
+    daemon = read_status(st.root)
     last = max([w.at for w in warps] + [s["updated"] for s in shards if s["updated"]],
                default=None)
     events = ledger.events()
@@ -294,15 +290,16 @@ def cmd_status(args) -> int:
             print("(depth = inputs per populated cell, in the group that makes the coadd)")
     else:
         print("no cell populated yet")
-    if rep["retractions"]:
+    if rep["daemon"]:
+        from .daemon import format_status
+
         print()
-        print("retractions:")
-        for kind, detail, at in rep["retractions"]:
-            print(f"  {_ago(at)}  {detail}")
-    d = rep["daemon"]
-    if d:
+        print(format_status(rep["daemon"]))
+    if rep["events"]:
         print()
-        print("daemon: " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list))))
+        print("events (latest 20; retractions included):")
+        for kind, detail, at in rep["events"]:
+            print(f"  {_ago(at)}  {kind}: {detail}")
     return 0
 
 

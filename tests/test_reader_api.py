@@ -402,7 +402,7 @@ def test_status_table_and_json(tmp_path):
 
     cli("retract", state, "--visit", 3, "--reason", "QA: satellite trail")
     r = cli("status", state)
-    assert "retractions:" in r.stdout and "QA: satellite trail" in r.stdout
+    assert "retract: visit 3 detector 0" in r.stdout and "QA: satellite trail" in r.stdout
     assert "1 retracted" in r.stdout
     row = next(line for line in r.stdout.splitlines() if line.split()[:3] == ["r", "0", "0,0"])
     with streamcoadd.open_state(state) as st:
