@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NoWorkFound, UserError
-from .masks import CANONICAL_PLANES
 from .skymap import Box, PatchId
 
 KINDS = ("depth", "weight", "psf", "quicklook")
