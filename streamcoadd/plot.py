@@ -127,7 +127,7 @@ class CellMap:
 
 
 def summaries(view: View):
-    """(table, CellMap-builder) for the view: patch summary, or tract summary."""
+    """The per-cell summary table of the view: the patch's, or the whole tract's."""
     if view.patch is not None:
         return view.patch.summary()
     return view.tract.summary(view.band)
