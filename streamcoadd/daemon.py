@@ -39,6 +39,7 @@ from pathlib import Path
 from .durable import crash_point
 from .errors import UserError
 from .inbox import DEFAULT_PATTERNS, Inbox, fingerprint
+from .metrics import prometheus_text
 
 log = logging.getLogger("streamcoadd.daemon")
 
@@ -67,6 +68,7 @@ class DaemonConfig:
     reconcile_interval: float = 60.0
     max_tracked: int = 10000
     status_file: str = ""  # default: STATE/daemon-status.json
+    metrics_file: str = ""  # Prometheus text file; "" = none
     status_interval: float = 5.0
     log_file: str = ""
     log_format: str = "text"  # or "json"
@@ -364,6 +366,7 @@ class Daemon:
         self.last_commit = None
         self.last_error = None
         self._recent = deque(maxlen=100000)  # monotonic times of final outcomes
+        self._latency = {"fold_s_sum": 0.0, "fold_count": 0, "commit_s_sum": 0.0}
         self._status_at = 0.0
         self._status_dirty = True
         self.store = None
@@ -605,6 +608,9 @@ class Daemon:
         if hasattr(self.counts, key):
             setattr(self.counts, key, getattr(self.counts, key) + 1)
         self._recent.append(time.monotonic())
+        if fields_.get("ms") and key in ("folded", "no_cells"):
+            self._latency["fold_s_sum"] += fields_["ms"] / 1e3
+            self._latency["fold_count"] += 1
         self.last_warp = dict(fields_, at=_utcnow())
         self._status_dirty = True
 
@@ -703,6 +709,7 @@ class Daemon:
         dt = time.monotonic() - t
         crash_point("daemon-before-done")  # durable, still in the inbox: replayed as duplicate
         self.counts.commits += 1
+        self._latency["commit_s_sum"] += dt
         seen = set()
         for o in outcomes or ():
             key = str(getattr(o, "path", ""))
@@ -813,6 +820,8 @@ class Daemon:
                          "hints_dropped": self.inbox.hints_dropped if self.inbox else 0,
                          "scans": self.inbox.scans if self.inbox else 0},
             "last_error": self.last_error,
+            "latency": dict(self._latency),
+            "bytes_written": self.store.bytes_written if self.store is not None else 0,
         }
 
     def _write_status(self, force: bool = False) -> None:
@@ -823,7 +832,10 @@ class Daemon:
         self._status_at = now
         self._status_dirty = False
         try:
-            atomic_write_text(self.status_file, json.dumps(self.status(), indent=1) + "\n")
+            status = self.status()
+            atomic_write_text(self.status_file, json.dumps(status, indent=1) + "\n")
+            if self.cfg.metrics_file:
+                atomic_write_text(Path(self.cfg.metrics_file), prometheus_text(status))
         except OSError as e:
             # never fatal (e.g. disk full): the log says it once per minute at most
             if now - getattr(self, "_status_err_at", -1e9) > 60:
@@ -866,6 +878,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="commit pending warps once nothing new was taken for S seconds "
                         "(default 1; --commit-every/--commit-interval still apply)")
     p.add_argument("--status-file", metavar="F", help="default STATE/daemon-status.json")
+    p.add_argument("--metrics-file", metavar="F",
+                   help="also write Prometheus text-format metrics to F (textfile collector)")
     p.add_argument("--log-file", metavar="F", help="also log to F (logrotate-safe)")
     p.add_argument("--log-json", action="store_true", default=None,
                    help="log one JSON object per line")
@@ -898,7 +912,8 @@ def _run_config(run: dict, args):
 def build_config(args) -> tuple[DaemonConfig, object]:
     cfg, run = load_config(getattr(args, "config", None))
     for name in ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
-                 "until_idle", "idle_commit", "status_file", "log_file", "on_stop", "delete_done"):
+                 "until_idle", "idle_commit", "status_file", "metrics_file", "log_file",
+                 "on_stop", "delete_done"):
         v = getattr(args, name, None)
         if v is not None:
             setattr(cfg, name, v)

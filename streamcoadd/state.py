@@ -99,6 +99,7 @@ class StateStore:
         self.shard_locking = shard_locking
         self._lock_fd = None
         self.shards: dict[tuple[PatchId, str], Shard] = {}
+        self.bytes_written = 0  # cell files and manifests written by this process
         if write and not shard_locking:
             self._take_lock()
         self.ledger = Ledger(root / "ledger.sqlite", write=write and not shard_locking)
@@ -342,8 +343,9 @@ class StateStore:
             if key in cell_gens:
                 superseded.append(d / self.cell_filename(cell, cell_gens[key]))
             if acc.groups:
-                write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
-                                tract.cell_inner_box(cell))
+                path = d / self.cell_filename(cell, gen)
+                write_cell_file(path, acc, shard.band, gen, tract.cell_inner_box(cell))
+                self.bytes_written += path.stat().st_size
                 cell_gens[key] = gen
             else:  # emptied by a retraction
                 cell_gens.pop(key, None)
@@ -359,7 +361,9 @@ class StateStore:
             "cells": {f"{x}-{y}": g for (x, y), g in sorted(cell_gens.items())},
             "warps": {h: list(v) for h, v in warps.items()},
         }
-        write_atomic(d / "manifest.json", json.dumps(manifest).encode(), "manifest")
+        blob = json.dumps(manifest).encode()
+        write_atomic(d / "manifest.json", blob, "manifest")
+        self.bytes_written += len(blob)
         crash_point("manifest-committed")
         shard.commit, shard.cell_gens, shard.warps = gen, cell_gens, warps
         shard.dirty.clear()
