@@ -269,3 +269,37 @@ def test_disk_full_then_retry_in_one_process(tmp_path, monkeypatch, warps_and_re
         ing.commit()
     assert verify_state(st) == []
     assert torture.compare_states(ref, st) == []
+
+
+def test_daemon_on_a_full_disk(small_tmpfs, warps_and_ref, tmp_path):
+    """The daemon stops folding with a clear message (commit-failed, EX_TEMPFAIL), the
+    uncommitted files stay in the inbox, the state stays consistent, and a restart after
+    space is freed folds the rest: the same coadd as an uninterrupted run."""
+    pytest.importorskip("streamcoadd.daemon")
+    warps, ref = warps_and_ref
+    mnt = small_tmpfs
+    need = du(ref)
+    subprocess.run(["mount", "-o", f"remount,size={max(600, need // 2 // 1024)}k", str(mnt)],
+                   check=True)
+    st = mnt / "state"
+    assert cli("init", st, "--skymap", torture.SKYMAP)[0] == 0
+    inbox = torture._fill_inbox(tmp_path / "box" / "inbox", warps)
+    args = ["watch", st, "--inbox", inbox, "--done", tmp_path / "box" / "done", "--rejected",
+            tmp_path / "box" / "rejected", "--until-idle", "0.5", "--commit-every", "2",
+            "--idle-commit", "0.1", "--stable-seconds", "0.2"]
+    rc, out, err = cli(*args)
+    assert rc == 75, out + err  # EX_TEMPFAIL: try again later
+    assert "No space left on device" in out + err
+    assert "Traceback" not in out + err
+    assert_consistent(st)
+    left = {p.name for p in inbox.iterdir()}
+    assert left, "every file left the inbox although the disk was full"
+    assert not (tmp_path / "box" / "rejected").exists() or \
+        not any((tmp_path / "box" / "rejected").iterdir()), "a good warp was rejected"
+    subprocess.run(["mount", "-o", f"remount,size={need * 3 // 1024 + 2048}k", str(mnt)],
+                   check=True)
+    rc, out, err = cli(*args)
+    assert rc == 0, out + err
+    assert not any(inbox.iterdir())
+    assert verify_state(st) == []
+    assert torture.compare_states(ref, st) == []
