@@ -196,13 +196,9 @@ def status_report(st) -> dict:
                        "cells_populated": len(m["cells"]), "warps": len(m["warps"]),
                        "commits": m.get("commit", 0), "updated": m.get("updated")})
     depth = [s["warps"] for s in shards]
-    daemon = None
-    status_file = st.root / "daemon-status.json"
-    if status_file.exists():
-        try:
-            daemon = json.loads(status_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            daemon = {"error": "status file unreadable"}
+    from .daemon import read_status
+
+    daemon = read_status(st.root)
     last = max((w.at for w in warps), default=None)
     return {"state": str(st.root), "skymap": st.skymap.name, "warps": by_status,
             "rejected": len(ledger.rejections()), "last_activity": last,
@@ -236,9 +232,12 @@ def cmd_status(args) -> int:
                   f"{s['cells_populated']:>6} {s['warps']:>6} {s['commits']:>8}  {_ago(s['updated'])}")
     else:
         print("no cell populated yet")
-    d = rep["daemon"]
-    if d:
-        print("daemon: " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list))))
+    if rep["daemon"]:
+        from .daemon import format_status
+
+        print(format_status(rep["daemon"]))
+    for kind, detail, at in rep["events"]:
+        print(f"{_ago(at)}  {kind}: {detail}")
     return 0
 
 

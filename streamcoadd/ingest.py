@@ -14,6 +14,7 @@ from .config import RunConfig
 from .errors import WarpRejected
 from .fold import CellInput, cell_input, fold_cell, prepare_warp
 from .ledger import WarpRecord
+from .memory import retain_freed_memory
 from .state import Shard, StateStore
 from .warp import WarpId, _read_bytes, file_hash, read_warp
 
@@ -40,6 +41,7 @@ class Ingestor:
                  allow_refold: bool = False):
         if not store.write:
             raise ValueError("Ingestor needs a state opened for writing")
+        retain_freed_memory()
         self.store = store
         self.run = run
         self.allow_refold = allow_refold  # fold again warps that were retracted
@@ -113,10 +115,14 @@ class Ingestor:
 
         # Plan everything first, so that a rejection leaves memory untouched.
         plan: list[tuple[Shard, list[CellInput]]] = []
+        durable_cells = 0
         for patch in tract.patches_overlapping(warp.box):
             shard = store.shard(patch, warp.band)
             if h in shard.warps:
-                continue  # durable in this shard already (replay after a crash)
+                # Durable in this shard already (replay after a crash): count, don't fold.
+                durable_cells += sum(cell_input(prepared, tract, cell, fold) is not None
+                                     for cell in tract.cells_overlapping(patch, warp.box))
+                continue
             prior = _same_id(shard.warps, warp.id, h) or _same_id(shard.pending_warps, warp.id, h)
             if prior:
                 raise WarpRejected(path, f"{warp.id} is already in the state with different "
@@ -125,7 +131,7 @@ class Ingestor:
                       if (cin := cell_input(prepared, tract, cell, fold)) is not None]
             plan.append((shard, inputs))
 
-        n_cells = 0
+        n_cells = durable_cells
         try:
             for shard, inputs in plan:
                 for cin in inputs:

@@ -104,6 +104,8 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         data = _read_bytes(path)
     if len(data) == 0:
         raise WarpRejected(path, "the file is empty")
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzip(path, data)
     if not data.startswith(b"SIMPLE  ="):
         raise WarpRejected(path, "not a FITS file (it does not start with 'SIMPLE  =')")
     try:
@@ -118,6 +120,9 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
     except (OSError, ValueError, TypeError, KeyError, IndexError, AstropyWarning,
             fits.VerifyError, MemoryError, OverflowError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated" in msg:
+            raise WarpRejected(path, f"the file is truncated ({msg[:200]}); deliver it again "
+                                     "complete (write to NAME.tmp, then rename)") from None
         raise WarpRejected(path, f"not a readable warp FITS file ({msg[:300]})") from None
 
 
@@ -138,6 +143,23 @@ def _read_bytes(path: str) -> bytes:
         raise WarpRejected(path, "is a directory, not a warp file") from None
     except OSError as e:
         raise WarpRejected(path, f"cannot read the file: {e.strerror or e}") from None
+
+
+def _gunzip(path, data: bytes) -> bytes:
+    """Decompress a gzipped warp (``.fits.gz``), refusing absurd expansion."""
+    import zlib
+
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, MAX_WARP_BYTES)
+    except zlib.error as e:
+        raise WarpRejected(path, f"gzip data is corrupt ({e})") from None
+    if d.unconsumed_tail:
+        raise WarpRejected(path, f"gzip expands beyond the {MAX_WARP_BYTES / 2**30:.0f} GiB "
+                                 "limit for one warp")
+    if not d.eof:
+        raise WarpRejected(path, "gzip data is truncated")
+    return out
 
 
 def _hdu(path, hdul, name):
