@@ -28,7 +28,7 @@ from .errors import WarpRejected
 from .masks import CANONICAL_PLANES, bitmask
 from .psf import psf_moments, resize_stamp
 from .skymap import Box, CellId, Tract
-from .warp import NO_DATA, Warp
+from .warp import NO_DATA, WEIGHT_RANGE, Warp
 
 GROUPS = ("good", "fallback")
 _CLIP = SigmaClip(sigma=3.0, maxiters=2)  # astropy's default: median centre, std width
@@ -84,9 +84,10 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
     # the mean of the kept pixels is accumulated in float64.
     kept = _CLIP(var, masked=False, copy=False)
     weight = 1.0 / float(np.mean(kept, dtype=np.float64))
-    if not np.isfinite(weight) or weight <= 0:
-        raise WarpRejected(warp.path, f"weight 1/<variance> = {weight!r} is not positive and "
-                                      "finite; check the VARIANCE plane")
+    if not WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]:  # also catches inf, nan, <= 0
+        raise WarpRejected(warp.path, f"weight 1/<variance> = {weight!r} is not in "
+                                      f"{WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g}; check the "
+                                      "VARIANCE plane (units nJy^2)")
     return weight
 
 

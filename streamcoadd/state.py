@@ -19,6 +19,7 @@ are removed when a writer opens the state.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -29,8 +30,8 @@ from pathlib import Path
 
 from .cellfile import read_cell_file, write_cell_file
 from .config import FoldConfig
-from .durable import crash_point, fsync_dir, write_atomic
-from .errors import StateError, UserError
+from .durable import crash_point, fsync_dir, makedirs_durable, write_atomic
+from .errors import StateError, StateWriteError, UserError, write_error_message
 from .fold import CellAccumulator
 from .ledger import Ledger
 from .skymap import CellId, PatchId, SkyMap, skymap_from_dict
@@ -78,6 +79,18 @@ class Shard:
         return sum(self.cells[c].nbytes for c in self.dirty)
 
 
+@contextlib.contextmanager
+def _shard_lock(directory: Path):
+    """flock(2) on ``directory/shard.lock``: held by a shard-locking writer while it
+    commits the shard, and by the state writer while it removes the shard's debris."""
+    fd = os.open(directory / "shard.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _band_dirname(band: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", band):
         raise UserError(f"band name {band!r} must be letters, digits, '_' or '-'")
@@ -99,6 +112,7 @@ class StateStore:
         self.shard_locking = shard_locking
         self._lock_fd = None
         self.shards: dict[tuple[PatchId, str], Shard] = {}
+        self.bytes_written = 0  # cell files and manifests written by this process
         if write and not shard_locking:
             self._take_lock()
         self.ledger = Ledger(root / "ledger.sqlite", write=write and not shard_locking)
@@ -229,16 +243,25 @@ class StateStore:
         """Remove debris of interrupted commits: temporary files and cell generations
         that no manifest names. Safe because the manifest rename is the commit point."""
         removed = []
-        for tmp in (self.root / "shards").rglob("*.tmp"):
-            tmp.unlink()
-            removed.append(tmp)
-        for patch, band in self.shard_keys():
-            removed += self._recover_shard(patch, band)
-        for d in (self.root / "shards").glob("t*/p*/*"):
-            if d.is_dir() and not (d / "manifest.json").exists():
-                for f in d.glob("c*.h5"):
-                    f.unlink()
-                    removed.append(f)
+        for d in sorted((self.root / "shards").glob("t*/p*/*")):
+            if not d.is_dir():
+                continue
+            # Under the shard's lock: a distributed worker (shard-locking mode) of an
+            # earlier run may still be committing this shard; its new generations are
+            # not yet named by the manifest and must not be taken for debris.
+            with _shard_lock(d):
+                for tmp in d.glob("*.tmp"):
+                    tmp.unlink()
+                    removed.append(tmp)
+                    crash_point("debris-removed")
+                if (d / "manifest.json").exists():
+                    px, py = (int(v) for v in d.parent.name[1:].split("-"))
+                    patch = PatchId(int(d.parent.parent.name[1:]), px, py)
+                    removed += self._recover_shard(patch, d.name)
+                else:
+                    for f in d.glob("c*.h5"):
+                        f.unlink()
+                        removed.append(f)
         return removed
 
     def _recover_shard(self, patch: PatchId, band: str) -> list[Path]:
@@ -250,6 +273,7 @@ class StateStore:
             if f.name not in live:
                 f.unlink()
                 removed.append(f)
+                crash_point("debris-removed")
         return removed
 
     def shard(self, patch: PatchId, band: str) -> Shard:
@@ -296,19 +320,26 @@ class StateStore:
         """Make every dirty shard durable (see the module docstring for the protocol)."""
         for shard in self.shards.values():
             if shard.changed:
-                self._commit_shard(shard)
+                try:
+                    self._commit_shard(shard)
+                except OSError as e:  # disk full, quota, I/O error
+                    if not self.shard_locking:  # free the space this commit took
+                        try:
+                            self._recover_shard(shard.patch, shard.band)
+                        except OSError:
+                            pass
+                    raise StateWriteError(write_error_message(str(shard.directory), e),
+                                          e.errno) from e
         self.trim_cache(self.cache_bytes)
 
     cache_bytes: int = int(2e9)
 
     def _commit_shard(self, shard: Shard) -> None:
         d = shard.directory
-        d.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(d)  # a new shard's directory entry must survive a power cut
         if not self.shard_locking:
             return self._write_shard(shard)
-        fd = os.open(d / "shard.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with _shard_lock(d):
             manifest = self.read_manifest(shard.patch, shard.band)
             on_disk = int(manifest["commit"]) if manifest else 0
             if on_disk != shard.commit:
@@ -316,8 +347,6 @@ class StateStore:
                                     f"writer (commit {on_disk}, expected {shard.commit})")
             self._recover_shard(shard.patch, shard.band)
             self._write_shard(shard)
-        finally:
-            os.close(fd)
 
     def _write_shard(self, shard: Shard) -> None:
         d = shard.directory
@@ -331,8 +360,9 @@ class StateStore:
             if key in cell_gens:
                 superseded.append(d / self.cell_filename(cell, cell_gens[key]))
             if acc.groups:
-                write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
-                                tract.cell_inner_box(cell))
+                path = d / self.cell_filename(cell, gen)
+                write_cell_file(path, acc, shard.band, gen, tract.cell_inner_box(cell))
+                self.bytes_written += path.stat().st_size
                 cell_gens[key] = gen
             else:  # emptied by a retraction
                 cell_gens.pop(key, None)
@@ -348,7 +378,9 @@ class StateStore:
             "cells": {f"{x}-{y}": g for (x, y), g in sorted(cell_gens.items())},
             "warps": {h: list(v) for h, v in warps.items()},
         }
-        write_atomic(d / "manifest.json", json.dumps(manifest).encode(), "manifest")
+        blob = json.dumps(manifest).encode()
+        write_atomic(d / "manifest.json", blob, "manifest")
+        self.bytes_written += len(blob)
         crash_point("manifest-committed")
         shard.commit, shard.cell_gens, shard.warps = gen, cell_gens, warps
         shard.dirty.clear()
@@ -359,6 +391,7 @@ class StateStore:
                 f.unlink()
             except FileNotFoundError:
                 pass
+            crash_point("old-generation-deleted")
 
     def trim_cache(self, limit: int) -> None:
         """Drop clean cells of the least recently used shards until under ``limit`` bytes."""
