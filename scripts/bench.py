@@ -498,14 +498,14 @@ def correctness(results) -> str:
 def profile_table(prof) -> str:
     if not prof or prof.get("skipped"):
         return f"(profile not run: {prof.get('skipped') if prof else 'disabled'})\n"
-    out = ["| category (innermost matching frame) | share of ingest wall | seconds |",
+    out = ["| category (innermost matching frame) | share of wall | seconds |",
            "|---|---|---|"]
     wall = prof.get("wall_s", 0)
     for k, v, f in prof["categories"]:
         if f >= 0.001:
             out.append(f"| {k} | {100 * f:.1f} % | {f * wall:.1f} |")
     out.append("")
-    out.append("Hottest source lines (self time, share of ingest wall):")
+    out.append("Hottest source lines (self time, share of wall):")
     out.append("")
     for k, f in prof["top_leaf_lines"][:12]:
         out.append(f"- `{k}` {100 * f:.1f} %")
@@ -634,6 +634,12 @@ def report(results, daemon, prof, env, cmd, args, png_name, geo, gen_s) -> str:
                    "matching a category (`scripts/bench_profile.py`):")
         out.append("")
     out.append(profile_table(prof))
+    if prof and prof.get("finalize"):
+        fp = prof["finalize"]
+        out.append(f"`streamcoadd finalize --patch` of the same state under py-spy, cold "
+                   f"({fp['wall_s']:.1f} s of samples):")
+        out.append("")
+        out.append(profile_table(fp).split("\n\nHottest")[0] + "\n")
     out.append("The floor's own split (independent numpy implementation):")
     out.append("")
     out.append(breakdown_tables(results))
@@ -762,6 +768,15 @@ def main(argv=None):
                 prof = analyse(raw)
                 prof["n"] = pn
                 prof["wall_s"] = json.loads((pd / "raw.ingest.json").read_text())["wall_s"]
+                from bench_profile import record_finalize
+
+                log("profile: py-spy on finalize of one patch")
+                os.sync()
+                fp = record_finalize(pd / "state", f"{geo[2].x},{geo[2].y}", pd / "fin",
+                                     pd / "fin.raw.txt")
+                if fp is not None:
+                    fp["wall_s"] = fp["samples"] / 100.0
+                    prof["finalize"] = fp
             shutil.rmtree(pd, ignore_errors=True)
 
         env = environment()

@@ -22,31 +22,63 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (category, function-name pattern); the innermost matching frame decides.
+# (category, function-name pattern, source-line pattern or None); the innermost frame
+# that matches decides. Line patterns look at the text of the source line being run.
 RULES = [
-    ("commit: fsync (cells, dirs, manifest)", r"^(fsync_file|fsync_dir)$"),
-    ("commit: ledger (sqlite)", r"^Ledger\."),
-    ("commit: HDF5 write (h5py, fletcher32)", r"^write_cell_file$"),
-    ("commit: unlink superseded, manifest json", r"^StateStore\._write_shard$"),
-    ("commit: cache trim / other", r"^StateStore\.commit$"),
-    ("load accumulators from HDF5 (cache miss)", r"^read_cell_file$"),
-    ("allocate new accumulators (zeros)", r"^CellSums\.zeros$"),
-    ("read: sha256 content hash", r"^file_hash$"),
-    ("read: file bytes", r"^_read_bytes$"),
-    ("validate: WCS check", r"^_check_wcs$"),
-    ("validate: finite/positive pixel checks", r"^_check_good_pixels$"),
-    ("read: mask remap to canonical bits", r"^remap_to_canonical$"),
-    ("read: FITS parse + byteswap (astropy)", r"^(read_warp|_parse)$"),
-    ("weight: sigma_clipped_stats", r"^warp_weight$"),
-    ("interpolate bad pixels", r"^interpolate_bad_pixels$"),
-    ("prepare: or_mask, planes", r"^prepare_warp$"),
-    ("PSF moments", r"^psf_moments$"),
-    ("accumulate: per-bit mask counts (retraction)", r"^accumulate_pixels$@bits"),
-    ("accumulate: float64 sums (w, wI, w2var, interp, SAT)", r"^accumulate_pixels$"),
-    ("fold_cell: PSF stamp, contributor row", r"^fold_cell$"),
-    ("overlap rule (cell_input)", r"^cell_input$"),
-    ("submit: planning, dedupe, other", r"^Ingestor\._submit$"),
-    ("ingest loop / progress / other", r"^(Ingestor\.|cmd_ingest)"),
+    ("commit: fsync (cells, dirs, manifest)", r"^(fsync_file|fsync_dir)$", None),
+    ("commit: ledger (sqlite)", r"^Ledger\.", None),
+    ("commit: CRC-32 of datasets", r"^_dataset$", r"crc32"),
+    ("commit: write file bytes", r"^write_cell_file$", r"\.write\("),
+    ("commit: HDF5 encode (h5py)", r"^write_cell_file$", None),
+    ("commit: unlink superseded, manifest json", r"^StateStore\._write_shard$", None),
+    ("commit: cache trim / other", r"^StateStore\.commit$", None),
+    ("load accumulators from HDF5 (cache miss)", r"^read_cell_file$", None),
+    ("allocate new accumulators (zeros)", r"^CellSums\.zeros$", None),
+    ("read: sha256 content hash", r"^file_hash$", None),
+    ("read: file bytes", r"^_read_bytes$", None),
+    ("validate: WCS check", r"^_check_wcs$", None),
+    ("validate: finite/positive pixel checks", r"^_check_good_pixels$", None),
+    ("read: mask remap to canonical bits", r"^remap_to_canonical$", None),
+    ("read: FITS parse + byteswap (astropy)", r"^(read_warp|_parse)$", None),
+    ("weight: sigma clipping", r"^warp_weight$", None),
+    ("interpolate bad pixels", r"^interpolate_bad_pixels$", None),
+    ("prepare: or_mask, planes", r"^prepare_warp$", None),
+    ("PSF moments", r"^psf_moments$", None),
+    ("accumulate: per-bit mask counts, mask OR", r"^accumulate_pixels$",
+     r"or_mask|bit|mask_or"),
+    ("accumulate: interpolated-weight plane", r"^accumulate_pixels$", r"sum_w_interp"),
+    ("accumulate: float64 sums (w, wI, w2var, SAT)", r"^accumulate_pixels$", None),
+    ("fold_cell: PSF stamp, contributor row", r"^fold_cell$", None),
+    ("overlap rule (cell_input)", r"^cell_input$", None),
+    ("submit: planning, dedupe, other", r"^(Ingestor\._submit|fold_into_shard|shard_inputs)$",
+     None),
+    ("ingest loop / progress / other", r"^(Ingestor\.|cmd_ingest)", None),
+]
+
+_SRC: dict[str, list[str]] = {}
+
+
+def source_line(file: str, line: int) -> str:
+    if file not in _SRC:
+        p = ROOT / file
+        _SRC[file] = p.read_text().splitlines() if p.exists() else []
+    lines = _SRC[file]
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+# the same for ``streamcoadd finalize --patch`` (frames under cmd_finalize)
+FINALIZE_RULES = [
+    ("read cell files: CRC-32 check", r"^_load$", r"crc32"),
+    ("read cell files: HDF5 read (disk, cold)", r"^_load$", None),
+    ("read cell files: contributors, attributes, other", r"^(read_cell_file|contributors_from_array)",
+     None),
+    ("manifests", r"^StateStore\.read_manifest$", None),
+    ("coadd: contributor tables (astropy Table)", r"^contributors_table$", None),
+    ("coadd: image/variance/mask math", r"^coadd_cell$", None),
+    ("write cells FITS: astropy writeto", r"^HDUList\.writeto$", None),
+    ("write cells FITS: build columns/tables", r"^write_cells_fits$", None),
+    ("write stitched FITS", r"^(write_stitched_fits|stitch)$", None),
+    ("CLI / other", r"^cmd_finalize$", None),
 ]
 
 FRAME = re.compile(r"^(?P<fn>.+?) \((?P<file>[^():]+)(?::(?P<line>\d+))?\)$")
@@ -59,27 +91,10 @@ def parse_frame(s):
     return m["fn"], m["file"], int(m["line"] or 0)
 
 
-def accumulate_bit_lines():
-    """Source lines of accumulate_pixels that maintain the per-bit counts / mask OR."""
-    src = (ROOT / "streamcoadd" / "fold.py").read_text().splitlines()
-    lines = set()
-    inside = False
-    for i, line in enumerate(src, 1):
-        if line.startswith("def accumulate_pixels"):
-            inside = True
-            continue
-        if inside and line.startswith("def "):
-            break
-        if inside and ("or_mask" in line or "bit" in line or "mask_or" in line):
-            lines.add(i)
-    return lines
-
-
-def analyse(raw: str) -> dict:
-    bit_lines = accumulate_bit_lines()
+def analyse(raw: str, rules=None, root_fn="cmd_ingest") -> dict:
     cats = Counter()
     lines = Counter()
-    hot = {"accumulate_pixels": Counter(), "write_cell_file": Counter(),
+    hot = {"accumulate_pixels": Counter(), "write_cell_file": Counter(), "_dataset": Counter(),
            "interpolate_bad_pixels": Counter(), "prepare_warp": Counter()}
     total = 0
     for row in raw.splitlines():
@@ -88,17 +103,14 @@ def analyse(raw: str) -> dict:
         stack, _, n = row.rpartition(" ")
         n = int(n)
         frames = [parse_frame(f) for f in stack.split(";")]
-        if not any(fn == "cmd_ingest" for fn, _, _ in frames):
+        if not any(fn == root_fn for fn, _, _ in frames):
             continue  # other threads (RSS sampler) and interpreter start-up
         total += n
         cat = None
         for fn, file, line in reversed(frames):
-            for name, pat in RULES:
-                if pat.endswith("@bits"):
-                    if re.match(pat[:-5], fn) and file.endswith("fold.py") and line in bit_lines:
-                        cat = name
-                        break
-                elif re.match(pat, fn):
+            for name, pat, line_pat in rules or RULES:
+                if re.match(pat, fn) and (line_pat is None
+                                          or re.search(line_pat, source_line(file, line))):
                     cat = name
                     break
             if cat:
@@ -127,6 +139,22 @@ def record(state, warpdir, out_raw, rate=100):
     if r.returncode != 0 or not Path(out_raw).exists():
         raise RuntimeError(f"py-spy failed: {r.stderr[-2000:]}")
     return Path(out_raw).read_text()
+
+
+def record_finalize(state, patch, out_dir, out_raw, rate=100):
+    """py-spy on ``streamcoadd finalize STATE --patch X,Y``, cold (shard files evicted)."""
+    if not shutil.which("py-spy"):
+        return None
+    from bench_finalize import evict
+
+    evict(Path(state) / "shards")
+    cmd = ["py-spy", "record", "--idle", "-r", str(rate), "-f", "raw", "-o", str(out_raw),
+           "--", sys.executable, "-m", "streamcoadd", "finalize", str(state), "--out",
+           str(out_dir), "--patch", patch]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0 or not Path(out_raw).exists():
+        raise RuntimeError(f"py-spy failed: {r.stderr[-2000:]}")
+    return analyse(Path(out_raw).read_text(), FINALIZE_RULES, "cmd_finalize")
 
 
 def main(argv=None):
