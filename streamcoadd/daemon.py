@@ -344,8 +344,12 @@ class _Counts:
 
 
 class Daemon:
-    def __init__(self, state_dir: Path, cfg: DaemonConfig, run_config, *, config_source=None):
+    def __init__(self, state_dir: Path, cfg: DaemonConfig, run_config, *, config_source=None,
+                 make_ingestor=None):
         self.state_dir = Path(state_dir)
+        # make_ingestor(store, run_config) -> an object with the Ingestor contract
+        # (submit/commit/needs_commit/pending); None: the single-process Ingestor.
+        self.make_ingestor = make_ingestor
         self.cfg = cfg
         self.run_config = run_config
         self.inbox_dir = Path(cfg.inbox).absolute()
@@ -424,7 +428,7 @@ class Daemon:
         try:
             self._check_dirs()
             self._install_signals()
-            self.ing = Ingestor(self.store, self.run_config)
+            self.ing = (self.make_ingestor or Ingestor)(self.store, self.run_config)
             self.inbox = Inbox(self.inbox_dir, stable_seconds=self.cfg.stable_seconds,
                                poll=self.cfg.poll or None,
                                reconcile_interval=self.cfg.reconcile_interval,
@@ -923,7 +927,7 @@ def build_config(args) -> tuple[DaemonConfig, object]:
     return cfg, _run_config(run, args)
 
 
-def handler(args) -> int:
+def handler(args, make_ingestor=None) -> int:
     try:
         cfg, rc = build_config(args)
         setup_logging(cfg)
@@ -934,7 +938,7 @@ def handler(args) -> int:
         from .state import StateLocked
     except ImportError:  # pragma: no cover - before the core exists
         StateLocked = ()
-    d = Daemon(Path(args.state), cfg, rc)
+    d = Daemon(Path(args.state), cfg, rc, make_ingestor=make_ingestor)
     try:
         return d.run()
     except StateLocked as e:

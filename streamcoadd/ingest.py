@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .config import RunConfig
+from .config import FoldConfig, RunConfig
 from .errors import WarpRejected
-from .fold import CellInput, cell_input, fold_cell, prepare_warp
+from .fold import CellInput, PreparedWarp, cell_input, fold_cell, prepare_warp
 from .ledger import WarpRecord
 from .memory import retain_freed_memory
+from .skymap import PatchId, Tract
 from .state import Shard, StateStore
 from .warp import WarpId, _read_bytes, file_hash, read_warp
 
@@ -127,18 +128,12 @@ class Ingestor:
             if prior:
                 raise WarpRejected(path, f"{warp.id} is already in the state with different "
                                          "content; retract it first if this is a replacement")
-            inputs = [cin for cell in tract.cells_overlapping(patch, warp.box)
-                      if (cin := cell_input(prepared, tract, cell, fold)) is not None]
-            plan.append((shard, inputs))
+            plan.append((shard, shard_inputs(prepared, tract, patch, fold)))
 
         n_cells = durable_cells
         try:
             for shard, inputs in plan:
-                for cin in inputs:
-                    fold_cell(store.cell_for_write(shard, cin.cell), cin, prepared, fold)
-                if inputs:
-                    shard.pending_warps[h] = (warp.id.visit, warp.id.detector)
-                n_cells += len(inputs)
+                n_cells += fold_into_shard(store, shard, inputs, prepared)
         except BaseException:
             # A half-folded warp must never reach a commit: drop all uncommitted work.
             store.discard_uncommitted()
@@ -156,6 +151,27 @@ class Ingestor:
         for o in self._pending:
             if o.warp_id == wid and o.content_hash != h:
                 raise WarpRejected(path, f"{wid} is also in {o.path} with different content")
+
+
+def shard_inputs(prepared: PreparedWarp, tract: Tract, patch: PatchId,
+                 fold: FoldConfig) -> list[CellInput]:
+    """The cells of ``patch`` that a prepared warp contributes to (overlap rule applied).
+    Pure: touches no state. Used per shard by :class:`Ingestor` and by distributed workers."""
+    return [cin for cell in tract.cells_overlapping(patch, prepared.box)
+            if (cin := cell_input(prepared, tract, cell, fold)) is not None]
+
+
+def fold_into_shard(store: StateStore, shard: Shard, inputs: list[CellInput],
+                    prepared: PreparedWarp) -> int:
+    """Fold a prepared warp into the cells ``inputs`` of ``shard`` (in memory) and mark it
+    pending in the shard, so that the shard's next commit lists its hash. The caller has
+    checked that the hash is not in ``shard.warps`` already. Returns the number of cells."""
+    for cin in inputs:
+        fold_cell(store.cell_for_write(shard, cin.cell), cin, prepared, store.fold)
+    if inputs:
+        w = prepared.warp
+        shard.pending_warps[w.content_hash] = (w.id.visit, w.id.detector)
+    return len(inputs)
 
 
 def _same_id(warps: dict[str, tuple[int, int]], wid: WarpId, h: str) -> bool:

@@ -19,6 +19,7 @@ are removed when a writer opens the state.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -76,6 +77,18 @@ class Shard:
     @property
     def dirty_bytes(self) -> int:
         return sum(self.cells[c].nbytes for c in self.dirty)
+
+
+@contextlib.contextmanager
+def _shard_lock(directory: Path):
+    """flock(2) on ``directory/shard.lock``: held by a shard-locking writer while it
+    commits the shard, and by the state writer while it removes the shard's debris."""
+    fd = os.open(directory / "shard.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _band_dirname(band: str) -> str:
@@ -230,17 +243,25 @@ class StateStore:
         """Remove debris of interrupted commits: temporary files and cell generations
         that no manifest names. Safe because the manifest rename is the commit point."""
         removed = []
-        for tmp in (self.root / "shards").rglob("*.tmp"):
-            tmp.unlink()
-            removed.append(tmp)
-            crash_point("debris-removed")
-        for patch, band in self.shard_keys():
-            removed += self._recover_shard(patch, band)
-        for d in (self.root / "shards").glob("t*/p*/*"):
-            if d.is_dir() and not (d / "manifest.json").exists():
-                for f in d.glob("c*.h5"):
-                    f.unlink()
-                    removed.append(f)
+        for d in sorted((self.root / "shards").glob("t*/p*/*")):
+            if not d.is_dir():
+                continue
+            # Under the shard's lock: a distributed worker (shard-locking mode) of an
+            # earlier run may still be committing this shard; its new generations are
+            # not yet named by the manifest and must not be taken for debris.
+            with _shard_lock(d):
+                for tmp in d.glob("*.tmp"):
+                    tmp.unlink()
+                    removed.append(tmp)
+                    crash_point("debris-removed")
+                if (d / "manifest.json").exists():
+                    px, py = (int(v) for v in d.parent.name[1:].split("-"))
+                    patch = PatchId(int(d.parent.parent.name[1:]), px, py)
+                    removed += self._recover_shard(patch, d.name)
+                else:
+                    for f in d.glob("c*.h5"):
+                        f.unlink()
+                        removed.append(f)
         return removed
 
     def _recover_shard(self, patch: PatchId, band: str) -> list[Path]:
@@ -318,9 +339,7 @@ class StateStore:
         makedirs_durable(d)  # a new shard's directory entry must survive a power cut
         if not self.shard_locking:
             return self._write_shard(shard)
-        fd = os.open(d / "shard.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with _shard_lock(d):
             manifest = self.read_manifest(shard.patch, shard.band)
             on_disk = int(manifest["commit"]) if manifest else 0
             if on_disk != shard.commit:
@@ -328,8 +347,6 @@ class StateStore:
                                     f"writer (commit {on_disk}, expected {shard.commit})")
             self._recover_shard(shard.patch, shard.band)
             self._write_shard(shard)
-        finally:
-            os.close(fd)
 
     def _write_shard(self, shard: Shard) -> None:
         d = shard.directory
