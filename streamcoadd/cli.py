@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import FoldConfig, RunConfig, load_toml
 from .errors import NoWorkFound, UserError
-from .skymap import CellId, PatchId, load_skymap
+from .skymap import load_skymap
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "streamcoadd.toml"
 

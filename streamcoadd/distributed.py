@@ -50,7 +50,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError, WarpRejected
-from .ingest import Outcome, fold_into_shard, shard_inputs
+from .ingest import Outcome, fold_into_shard, ledger_duplicate, shard_inputs
 from .ledger import WarpRecord
 from .skymap import Box, PatchId
 from .warp import WarpId, _pixel_origin, _read_bytes, file_hash, read_warp
@@ -328,10 +328,14 @@ class DistributedIngestor:
     up to ``max_batch`` (default 4 x ``batch``) at once, which amortizes the commits.
     """
 
+    rescue_interval = 5.0  # s between checks for tasks stranded on vanished workers
+    result_timeout = 5.0  # s to fetch a finished task's result before looking again later
+
     def __init__(self, store, run: RunConfig = RunConfig(), client=None, *,
                  batch: int | None = None, max_batch: int | None = None, retries: int = 3,
                  prepared_cache_gb: float = 1.0, allow_refold: bool = False,
-                 log_failures: bool = False, logger: logging.Logger | None = None):
+                 log_failures: bool = False, logger: logging.Logger | None = None,
+                 heartbeat=None):
         if not store.write or store.shard_locking:
             raise ValueError("the coordinator needs the state opened by its single writer")
         if client is None:
@@ -348,6 +352,7 @@ class DistributedIngestor:
         self.allow_refold = allow_refold  # fold again warps that were retracted
         self.log_failures = log_failures  # the daemon: failed warps are logged, not kept
         self.log = logger or log
+        self.heartbeat = heartbeat  # called about every second while waiting for tasks
         self.cache_bytes = int(run.cache_gb * 1e9)
         self.prepared_cache_bytes = int(prepared_cache_gb * 1e9)
         self._items: dict[str, _Item] = {}  # by content hash: accepted, not yet final
@@ -359,6 +364,7 @@ class DistributedIngestor:
         self._load: dict[str, int] = {}  # worker -> warp-shard units sent, not finished
         self._workers: list[str] = []
         self._workers_at = -1e9
+        self._rescue_at = time.monotonic()
         self._ready: list[Outcome] = []
         self._first_pending_at: float | None = None
         self._flushing = False
@@ -367,7 +373,7 @@ class DistributedIngestor:
         # cells are read from disk); warps_read: warps read and prepared by workers;
         # cells_written: cell generations committed
         self.stats = {"tasks": 0, "task_seconds": 0.0, "conflict_retries": 0, "present": 0,
-                      "shard_cached": 0, "warps_read": 0, "cells_written": 0,
+                      "shard_cached": 0, "warps_read": 0, "cells_written": 0, "rescued": 0,
                       "workers": set()}
 
     # ------------------------------------------------------------------ Ingestor contract
@@ -433,15 +439,9 @@ class DistributedIngestor:
         store = self.store
         data = _read_bytes(path)
         h = file_hash(data)
-        rec = store.ledger.get(h)
-        if rec is not None and rec.status != "retracted":
-            return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
-                           warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
-                           content_hash=h)
-        if rec is not None and not self.allow_refold:
-            raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was "
-                                     "retracted; to fold it again use 'streamcoadd ingest "
-                                     "--allow-refold'")
+        known = ledger_duplicate(store, path, h, self.allow_refold)
+        if known is not None:
+            return known
         if h in self._items:
             o = self._items[h].outcome
             return Outcome(path, "duplicate", reason=f"same content as {o.path}",
@@ -502,16 +502,62 @@ class DistributedIngestor:
             if len(queue) < self.batch and not self._flushing:
                 continue
             hashes, self._queues[key] = queue[:self.max_batch], queue[self.max_batch:]
-            warps = [(self._items[h].abspath, h) for h in hashes]
-            worker = self._place(key, len(hashes))
-            fut = self.client.submit(
-                fold_shard_batch, self.root, key, warps, self.cache_bytes,
-                self.prepared_cache_bytes, key=f"streamcoadd-fold-{key[0]}-{key[1]}-{key[2]}-"
-                                                f"{key[3]}-{uuid.uuid4().hex[:12]}",
-                pure=False, retries=self.retries,
-                workers=[worker] if worker else None, allow_other_workers=True)
-            self._busy[key] = fut
-            self._tasks[fut] = (key, hashes, worker)
+            self._send(key, hashes)
+
+    def _send(self, key: ShardKey, hashes: list[str]) -> None:
+        warps = [(self._items[h].abspath, h) for h in hashes]
+        worker = self._place(key, len(hashes))
+        fut = self.client.submit(
+            fold_shard_batch, self.root, key, warps, self.cache_bytes,
+            self.prepared_cache_bytes, key=f"streamcoadd-fold-{key[0]}-{key[1]}-{key[2]}-"
+                                            f"{key[3]}-{uuid.uuid4().hex[:12]}",
+            pure=False, retries=self.retries,
+            **({"workers": [worker], "allow_other_workers": True} if worker else {}))
+        self._busy[key] = fut
+        self._tasks[fut] = (key, hashes, worker)
+
+    def _rescue(self) -> None:
+        """Re-send tasks stranded on a vanished worker. A placement is only a preference,
+        but Dask does not apply that to tasks that were left with no worker at all (every
+        worker lost at once, e.g. a batch allocation ending) when new workers join: such a
+        task stays 'no-worker' for ever. Cancel it and send it again. Should the old copy
+        run after all, the shard's compare-and-swap and manifest hashes make it harmless."""
+        now = time.monotonic()
+        if now - self._rescue_at < self.rescue_interval:
+            return
+        self._rescue_at = now
+        try:
+            live = set(self.client.nthreads())
+        except Exception:  # noqa: BLE001 - scheduler unreachable: try later
+            return
+        self._workers, self._workers_at = sorted(live), now
+        if not live:
+            return
+        # finished ones too: their result was on the vanished worker and is recomputed
+        gone = {f.key: f for f, (_, _, w) in self._tasks.items()
+                if w is not None and w not in live}
+        if not gone:
+            return
+        def task_states(keys, dask_scheduler=None):  # nested: pickled by value
+            return {k: (ts.state if (ts := dask_scheduler.tasks.get(k)) is not None else None)
+                    for k in keys}
+
+        try:
+            states = self.client.run_on_scheduler(task_states, list(gone))
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("cannot ask the scheduler about stranded tasks: %s", _first_line(e))
+            return
+        for k, fut in gone.items():
+            if states.get(k) != "no-worker":
+                continue
+            key, hashes, worker = self._tasks.pop(fut)
+            del self._busy[key]
+            self._load[worker] = self._load.get(worker, 0) - len(hashes)
+            fut.cancel()
+            self.stats["rescued"] += 1
+            self.log.warning("shard %s: task stranded on vanished worker %s; sending it again",
+                             key, worker)
+            self._send(key, hashes)
 
     def _place(self, key: ShardKey, units: int) -> str | None:
         """The worker for a shard task (a preference: if that worker is gone, Dask runs the
@@ -524,7 +570,7 @@ class DistributedIngestor:
         now = time.monotonic()
         if now - self._workers_at > 2.0:
             try:
-                self._workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+                self._workers = sorted(self.client.nthreads())
             except Exception:  # noqa: BLE001 - no placement then; Dask decides
                 self._workers = []
             self._workers_at = now
@@ -551,27 +597,52 @@ class DistributedIngestor:
         if not self._tasks:
             return
         if block:
+            if self.heartbeat is not None:
+                self.heartbeat()  # e.g. the systemd watchdog: waiting for workers is no hang
+            self._rescue()
             try:  # wake up regularly: Ctrl-C stays responsive
                 wait(list(self._tasks), timeout=1.0, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 pass
-        finished = [f for f in self._tasks if f.done()]
+        finished = [f for f in self._tasks if f.status in ("finished", "error", "cancelled")]
         complete: list[_Item] = []
+        timeout = self.result_timeout
         for fut in finished:
+            res = error = None
+            if fut.status == "finished":
+                try:
+                    # The result lives on the worker that ran the task; if that worker
+                    # died meanwhile Dask recomputes the task: do not block on it here
+                    # (_rescue re-sends it should it be stranded).
+                    res = fut.result(timeout=timeout)
+                except TimeoutError:
+                    timeout = 0.1
+                    continue
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as e:  # noqa: BLE001
+                    error = e
+            else:
+                try:
+                    error = fut.exception(timeout=timeout)
+                except TimeoutError:
+                    timeout = 0.1
+                    continue
+                except BaseException as e:  # noqa: BLE001 - cancelled
+                    error = e
+                error = error or RuntimeError(f"task {fut.status}")
             key, hashes, worker = self._tasks.pop(fut)
             del self._busy[key]
             if worker is not None:
                 self._load[worker] = self._load.get(worker, 0) - len(hashes)
-            try:
-                res = fut.result()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as e:  # noqa: BLE001 - failed for good, or cancelled
-                reason = f"shard task failed: {type(e).__name__}: {e}"
-                self.log.error("shard %s: %s", key, reason)
+            if error is not None:  # failed for good (retries exhausted), or cancelled
+                e = error
+                reason = f"shard task failed: {type(e).__name__}: {_first_line(e)}"
+                self.log.log(logging.ERROR if self.log_failures else logging.DEBUG,
+                             "shard %s: %s", key, reason)
                 for h in hashes:
                     self._items[h].errors[key] = reason
-            else:
+            else:  # res
                 self.stats["tasks"] += 1
                 self.stats["task_seconds"] += res["seconds"]
                 self.stats["conflict_retries"] += res["attempts"] - 1
@@ -638,6 +709,39 @@ class DistributedIngestor:
 
 # =============================================================================== clusters
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _environment() -> dict:
+    """Run as a task: what the cluster side runs (checked before any real work)."""
+    import streamcoadd
+
+    return {"streamcoadd": streamcoadd.__version__, "python": sys.version.split()[0],
+            "host": os.uname().nodename}
+
+
+def check_cluster(client, timeout: float = 120.0) -> dict:
+    """Fail early, with a clear message, if the cluster cannot run streamcoadd tasks: the
+    scheduler unpickles every task and the workers run them, so both need the same
+    streamcoadd importable as this process (docs/scale-out.md)."""
+    import streamcoadd
+
+    try:
+        env = client.submit(_environment, pure=False).result(timeout=timeout)
+    except TimeoutError:
+        raise UserError(f"no Dask worker ran a test task within {timeout:.0f} s; are workers "
+                        "connected to the scheduler?") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError("the Dask cluster cannot run streamcoadd tasks "
+                        f"({type(e).__name__}: {_first_line(e)}); install the same streamcoadd "
+                        "on the scheduler and the workers as here") from None
+    if env["streamcoadd"] != streamcoadd.__version__:
+        raise UserError(f"Dask workers run streamcoadd {env['streamcoadd']} (on "
+                        f"{env['host']}), this process {streamcoadd.__version__}: use one version")
+    return env
+
+
 def connect(address: str, *, quiet: bool = True):
     """A ``distributed.Client`` for ``address``; ``local:N`` starts a LocalCluster of N
     single-threaded worker processes (closed with the client by :func:`close`)."""
@@ -653,6 +757,11 @@ def connect(address: str, *, quiet: bool = True):
                 raise ValueError
         except ValueError:
             raise UserError(f"--dask {address!r}: expected local:N with N >= 1 workers") from None
+        import dask
+
+        # A worker killed (OOM, kill -9) is restarted by its nanny; do not let the cluster
+        # close that nanny if the restart is slower than this (default 15 s, under load).
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"})
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                dashboard_address=None,
                                silence_logs=logging.ERROR if quiet else logging.WARNING)
@@ -684,6 +793,11 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
     own_client = client is None
     if own_client:
         client = connect(address)
+        try:
+            check_cluster(client)
+        except BaseException:
+            close(client)
+            raise
     own_store = store is None
     if own_store:
         store = StateStore.open(state, write=True)
@@ -769,8 +883,15 @@ def cmd_ingest_dask(args) -> int:
           f"worker process(es), {st.get('tasks', 0)} shard task(s)): {counts['folded']} "
           f"folded, {counts['no_cells']} valid but covering no cell, {counts['duplicate']} "
           f"already present, {counts['rejected']} rejected, {counts['failed']} failed")
+    by_reason: dict[tuple[str, str], list[str]] = {}
     for o in bad:
-        print(f"  {o.status} {o.path}: {o.reason}")
+        by_reason.setdefault((o.status, o.reason), []).append(o.path)
+    for (status, reason), paths in by_reason.items():
+        if len(paths) == 1:
+            print(f"  {status} {paths[0]}: {reason}")
+        else:
+            more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+            print(f"  {status} {len(paths)} files ({', '.join(paths[:3])}{more}): {reason}")
     return 1 if bad else 0
 
 
@@ -788,11 +909,19 @@ def cmd_watch_dask(args) -> int:
     except UserError as e:
         print(f"streamcoadd watch: {e}", file=sys.stderr)
         return daemon.EXIT_ERROR
+    try:
+        check_cluster(client)
+    except UserError as e:
+        close(client)
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
+        return daemon.EXIT_ERROR
+
+    notify = daemon._SdNotify()
 
     def make_ingestor(store, run):
         return DistributedIngestor(store, run, client, batch=args.dask_batch,
                                    retries=args.dask_retries, log_failures=True,
-                                   logger=daemon.log)
+                                   logger=daemon.log, heartbeat=notify.ping)
 
     try:
         return daemon.handler(args, make_ingestor=make_ingestor)

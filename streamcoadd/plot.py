@@ -474,8 +474,6 @@ def quicklook_figure(view: View, table=None):
     from matplotlib import colormaps
     from matplotlib.patches import Patch, Rectangle
 
-    from .finalize import BIT
-
     f = binning(view)
     disp, sat, box = stitched_image(view, f)
     vmin, vmax = stretch_limits(disp)

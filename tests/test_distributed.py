@@ -168,6 +168,11 @@ def assert_same_state(a: Path, b: Path, rtol: float = 1e-10, skip_rejections=())
 
 @pytest.fixture(scope="module")
 def client():
+    import dask
+
+    # Tests kill workers several times in a row; the LocalCluster must not give up on a
+    # worker whose restart is slower than that timeout (it would close its nanny).
+    dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"})
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=50)
     c = distributed.Client(cluster)
@@ -290,10 +295,13 @@ def test_worker_dies_in_commit(client, warps, reference, tmp_path, point):
         assert stats["present"] > 0  # the rerun found the committed warps and skipped them
 
 
-def test_worker_killed_from_outside(client, warps, reference, tmp_path):
-    """kill -9 of a worker process while the run is going on."""
+def test_all_workers_killed_from_outside(client, warps, reference, tmp_path, monkeypatch):
+    """kill -9 of every worker process while the run is going on (a batch allocation
+    ending): the nannies start new workers; tasks left with no worker at all are sent
+    again by the coordinator; the state is exact."""
     ref, ref_status = reference
     _ready(client)
+    monkeypatch.setattr(D.DistributedIngestor, "rescue_interval", 1.0)
     pids = client.run(os.getpid)
     state = new_state(tmp_path / "state")
     result = {}
@@ -309,11 +317,13 @@ def test_worker_killed_from_outside(client, warps, reference, tmp_path):
         if list((state / "shards").glob("t0/p*/*/manifest.json")):
             break
         time.sleep(0.02)
-    os.kill(sorted(pids.values())[0], signal.SIGKILL)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
     t.join(120)
     assert not t.is_alive()
     assert {Path(o.path).stem: o.status for o in result["outcomes"]} == ref_status
     assert_same_state(ref, state)
+    assert not set(client.run(os.getpid).values()) & set(pids.values())
 
 
 def test_coordinator_crash_between_shards(client, warps, reference, tmp_path):

@@ -53,7 +53,8 @@ def base(tmp_path_factory):
 
 def snapshot(st: Path) -> dict:
     files = {str(p.relative_to(st)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted((st / "shards").rglob("*")) if p.is_file()}
+             for p in sorted((st / "shards").rglob("*"))
+             if p.is_file() and p.name != "shard.lock"}  # lock files are not state
     db = sqlite3.connect(f"file:{st / 'ledger.sqlite'}?mode=ro", uri=True)
     files["ledger.warps"] = sorted(db.execute("SELECT * FROM warps").fetchall())
     db.close()
