@@ -670,7 +670,10 @@ def report(results, daemon, prof, env, cmd, args, png_name, geo, gen_s) -> str:
         slim.append(r2)
     d2 = dict(daemon or {})
     d2.pop("log_tail", None)
-    out.append(json.dumps(dict(results=slim, daemon=d2, env=env), indent=1, default=str))
+    # one line per N (the file stays readable; the per-warp arrays are long)
+    out.append("{\"results\": [\n" + ",\n".join(json.dumps(r, default=str) for r in slim)
+               + "\n],\n\"daemon\": " + json.dumps(d2, default=str)
+               + ",\n\"env\": " + json.dumps(env) + "}")
     out.append("```\n</details>\n")
     return "\n".join(out)
 
