@@ -84,6 +84,10 @@ def main() -> int:
                capture_output=True, text=True)
         if r.returncode == 0:
             looks.append(png)
+    for kind in ("depth", "psf"):
+        png = out / f"{kind}.png"
+        if sc("plot", kind, state, "--out", png, check=False).returncode == 0:
+            looks.append(png)
     for reason in sorted((out / "rejected").glob("*.reason")):
         print(f"rejected {reason.stem}: {reason.read_text().strip()}")
     print("\nOutputs:")

@@ -7,6 +7,7 @@ afterwards, so a reader always sees it whole. Every dataset carries a CRC-32 of 
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
 from pathlib import Path
@@ -77,7 +78,11 @@ def write_cell_file(path: Path, acc: CellAccumulator, band: str, generation: int
     """Write ``acc`` to ``path`` durably: ``path.tmp``, fsync, rename (the caller fsyncs
     the directory once for all the cells of a commit)."""
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", locking=False) as f:
+    # The file is built in memory and written with plain writes: HDF5 writing into a file
+    # on a full disk fails in its destructors (and h5py may segfault); a Python write
+    # fails with a clean OSError (ENOSPC) that the commit turns into a clear message.
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
         c = acc.cell
         f.attrs.update({
             "format": CELL_FORMAT, "version": CELL_VERSION, "band": band,
@@ -104,6 +109,8 @@ def write_cell_file(path: Path, acc: CellAccumulator, band: str, generation: int
             for bit, arr in sums.bit_counts.items():
                 _dataset(bg, str(bit), arr)
             _dataset(g, "contributors", contributors_to_array(sums.contributors))
+    with open(tmp, "wb") as out:
+        out.write(buf.getbuffer())
     crash_point("cell-tmp-written")
     fsync_file(tmp)
     os.replace(tmp, path)

@@ -7,6 +7,7 @@ unless ``STREAMCOADD_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .config import FoldConfig, RunConfig, load_toml
 from .errors import NoWorkFound, UserError
-from .skymap import CellId, PatchId, load_skymap
+from .skymap import load_skymap
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "streamcoadd.toml"
 
@@ -181,8 +182,13 @@ def cmd_finalize(args) -> int:
 
 
 # ---------------------------------------------------------------------- status
-def status_report(st) -> dict:
+def status_report(st, depth: bool = True) -> dict:
+    """What the state holds. Per shard (tract, patch, band): cells populated, warps, commits,
+    last update and, with ``depth``, the median / max number of inputs per populated cell
+    (reads each cell's contributor list only)."""
     import numpy as np
+
+    from .reader import PatchView
 
     ledger = st.store.ledger
     warps = ledger.warps()
@@ -190,20 +196,32 @@ def status_report(st) -> dict:
     for w in warps:
         by_status[w.status] = by_status.get(w.status, 0) + 1
     shards = []
-    for patch, band in st.store.shard_keys():
-        m = st.store.read_manifest(patch, band) or {"cells": {}, "warps": {}}
-        shards.append({"tract": patch.tract, "patch": [patch.x, patch.y], "band": band,
-                       "cells_populated": len(m["cells"]), "warps": len(m["warps"]),
-                       "commits": m.get("commit", 0), "updated": m.get("updated")})
-    depth = [s["warps"] for s in shards]
+    for patch, band in sorted(st.store.shard_keys(), key=lambda k: (k[1], k[0])):
+        pv = PatchView(st, patch, band)
+        m = pv.manifest
+        n = pv.shape[0]
+        row = {"tract": patch.tract, "patch": [patch.x, patch.y], "band": band,
+               "cells_populated": len(m["cells"]), "cells_total": n * n,
+               "warps": len(m["warps"]), "commits": m.get("commit", 0),
+               "updated": m.get("updated")}
+        if depth:
+            d = pv.depth_map()
+            populated = d[d > 0]
+            row["median_depth"] = float(np.median(populated)) if populated.size else 0.0
+            row["max_depth"] = int(populated.max()) if populated.size else 0
+        shards.append(row)
+    counts = [s["warps"] for s in shards]
     from .daemon import read_status
 
     daemon = read_status(st.root)
-    last = max((w.at for w in warps), default=None)
+    last = max([w.at for w in warps] + [s["updated"] for s in shards if s["updated"]],
+               default=None)
+    events = ledger.events()
     return {"state": str(st.root), "skymap": st.skymap.name, "warps": by_status,
             "rejected": len(ledger.rejections()), "last_activity": last,
-            "shards": shards, "max_warps_per_shard": int(np.max(depth)) if depth else 0,
-            "daemon": daemon, "events": [list(e) for e in ledger.events()[-20:]]}
+            "shards": shards, "max_warps_per_shard": int(np.max(counts)) if counts else 0,
+            "daemon": daemon, "events": [list(e) for e in events[-20:]],
+            "retractions": [list(e) for e in events if e[0] == "retract"][-20:]}
 
 
 def _ago(t) -> str:
@@ -212,32 +230,77 @@ def _ago(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _age(t, now=None) -> str:
+    """'12 s ago', '5 min ago', '3.2 h ago', '4 d ago'."""
+    if t is None:
+        return ""
+    dt = max(0.0, (now or time.time()) - t)
+    if dt < 90:
+        return f"{dt:.0f} s ago"
+    if dt < 5400:
+        return f"{dt / 60:.0f} min ago"
+    if dt < 36 * 3600:
+        return f"{dt / 3600:.1f} h ago"
+    return f"{dt / 86400:.0f} d ago"
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+
+
 def cmd_status(args) -> int:
     from .reader import open_state
 
     with open_state(args.state) as st:
-        rep = status_report(st)
+        rep = status_report(st, depth=not getattr(args, "no_depth", False))
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
     w = rep["warps"]
-    print(f"state {rep['state']}  skymap {rep['skymap']}")
+    print(f"state {rep['state']}  (skymap {rep['skymap']})")
     print(f"warps: {w.get('folded', 0)} folded, {w.get('no_cells', 0)} covering no cell, "
           f"{w.get('retracted', 0)} retracted; {rep['rejected']} rejection(s) logged; "
-          f"last activity {_ago(rep['last_activity'])}")
+          f"last activity {_ago(rep['last_activity'])}"
+          + (f" ({_age(rep['last_activity'])})" if rep["last_activity"] else ""))
     if rep["shards"]:
-        print(f"{'tract':>6} {'patch':>7} {'band':>5} {'cells':>6} {'warps':>6} {'commits':>8}  updated")
+        with_depth = "median_depth" in rep["shards"][0]
+        headers = ["band", "tract", "patch", "cells", "median depth", "max depth", "warps",
+                   "commits", "last update"]
+        if not with_depth:
+            headers = [h for h in headers if "depth" not in h]
+        rows = []
         for s in rep["shards"]:
-            print(f"{s['tract']:>6} {s['patch'][0]:>3},{s['patch'][1]:<3} {s['band']:>5} "
-                  f"{s['cells_populated']:>6} {s['warps']:>6} {s['commits']:>8}  {_ago(s['updated'])}")
+            r = [s["band"], str(s["tract"]), f"{s['patch'][0]},{s['patch'][1]}",
+                 f"{s['cells_populated']}/{s['cells_total']}"]
+            if with_depth:
+                r += [f"{s['median_depth']:g}", str(s["max_depth"])]
+            r += [str(s["warps"]), str(s["commits"]),
+                  f"{_ago(s['updated'])} ({_age(s['updated'])})" if s["updated"] else "never"]
+            rows.append(r)
+        print()
+        right = {1, 3, 4, 5, 6, 7} if with_depth else {1, 3, 4, 5}
+        for line in _table(headers, rows, right):
+            print(line)
+        if with_depth:
+            print("(depth = inputs per populated cell, in the group that makes the coadd)")
     else:
         print("no cell populated yet")
     if rep["daemon"]:
         from .daemon import format_status
 
+        print()
         print(format_status(rep["daemon"]))
-    for kind, detail, at in rep["events"]:
-        print(f"{_ago(at)}  {kind}: {detail}")
+    if rep["events"]:
+        print()
+        print("events (latest 20; retractions included):")
+        for kind, detail, at in rep["events"]:
+            print(f"  {_ago(at)}  {kind}: {detail}")
     return 0
 
 
@@ -317,9 +380,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("streamcoadd: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
         if os.environ.get("STREAMCOADD_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # disk full anywhere else (the lock file, ...): a message, not a traceback
+            from .errors import write_error_message
+
+            print(f"streamcoadd: error: {write_error_message(e.filename or 'the state', e)}",
+                  file=sys.stderr)
+            return 2
         import traceback
 
         print("streamcoadd: internal error (a bug; please report it with this trace):",

@@ -36,8 +36,10 @@ from collections import deque
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .durable import crash_point
 from .errors import UserError
 from .inbox import DEFAULT_PATTERNS, Inbox, fingerprint
+from .metrics import prometheus_text
 
 log = logging.getLogger("streamcoadd.daemon")
 
@@ -66,6 +68,7 @@ class DaemonConfig:
     reconcile_interval: float = 60.0
     max_tracked: int = 10000
     status_file: str = ""  # default: STATE/daemon-status.json
+    metrics_file: str = ""  # Prometheus text file; "" = none
     status_interval: float = 5.0
     log_file: str = ""
     log_format: str = "text"  # or "json"
@@ -367,6 +370,7 @@ class Daemon:
         self.last_commit = None
         self.last_error = None
         self._recent = deque(maxlen=100000)  # monotonic times of final outcomes
+        self._latency = {"fold_s_sum": 0.0, "fold_count": 0, "commit_s_sum": 0.0}
         self._status_at = 0.0
         self._status_dirty = True
         self.store = None
@@ -418,6 +422,9 @@ class Daemon:
 
         # the lock first: a second daemon must not touch anything
         self.store = StateStore.open(self.state_dir, write=True)
+        # a status file write interrupted by a crash left .NAME.PID.tmp: we hold the lock
+        for stale in self.status_file.parent.glob(f".{self.status_file.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         try:
             self._check_dirs()
             self._install_signals()
@@ -524,6 +531,14 @@ class Daemon:
             self.inbox.forget(name)
             return None
         fp = fingerprint(st)
+        if path.is_symlink():
+            target = Path(os.path.realpath(path))
+            inbox = Path(os.path.realpath(self.inbox_dir))
+            if inbox not in target.parents:
+                self._reject(name, fp, f"symbolic link pointing out of the inbox (to {target}); "
+                                       "refused: deliver the file itself (write NAME.tmp, "
+                                       "rename)", None)
+                return None
         try:
             o = self.ing.submit(path)
         except WarpRejected as e:  # contract: rejections are outcomes, but be lenient
@@ -597,6 +612,9 @@ class Daemon:
         if hasattr(self.counts, key):
             setattr(self.counts, key, getattr(self.counts, key) + 1)
         self._recent.append(time.monotonic())
+        if fields_.get("ms") and key in ("folded", "no_cells"):
+            self._latency["fold_s_sum"] += fields_["ms"] / 1e3
+            self._latency["fold_count"] += 1
         self.last_warp = dict(fields_, at=_utcnow())
         self._status_dirty = True
 
@@ -630,6 +648,7 @@ class Daemon:
             log.error("%s (it is folded; it will be seen as a duplicate later)", self.last_error)
             self.inbox.forget(name, hold_seconds=60.0)
         else:
+            crash_point("daemon-moved-done")
             self.inbox.forget(name, removed=True)
             if fsync:
                 _fsync_dir(self.inbox_dir)
@@ -692,7 +711,9 @@ class Daemon:
             self.state = "failed"
             return EXIT_SOFTWARE
         dt = time.monotonic() - t
+        crash_point("daemon-before-done")  # durable, still in the inbox: replayed as duplicate
         self.counts.commits += 1
+        self._latency["commit_s_sum"] += dt
         seen = set()
         for o in outcomes or ():
             key = str(getattr(o, "path", ""))
@@ -803,6 +824,8 @@ class Daemon:
                          "hints_dropped": self.inbox.hints_dropped if self.inbox else 0,
                          "scans": self.inbox.scans if self.inbox else 0},
             "last_error": self.last_error,
+            "latency": dict(self._latency),
+            "bytes_written": self.store.bytes_written if self.store is not None else 0,
         }
 
     def _write_status(self, force: bool = False) -> None:
@@ -813,7 +836,10 @@ class Daemon:
         self._status_at = now
         self._status_dirty = False
         try:
-            atomic_write_text(self.status_file, json.dumps(self.status(), indent=1) + "\n")
+            status = self.status()
+            atomic_write_text(self.status_file, json.dumps(status, indent=1) + "\n")
+            if self.cfg.metrics_file:
+                atomic_write_text(Path(self.cfg.metrics_file), prometheus_text(status))
         except OSError as e:
             # never fatal (e.g. disk full): the log says it once per minute at most
             if now - getattr(self, "_status_err_at", -1e9) > 60:
@@ -856,6 +882,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="commit pending warps once nothing new was taken for S seconds "
                         "(default 1; --commit-every/--commit-interval still apply)")
     p.add_argument("--status-file", metavar="F", help="default STATE/daemon-status.json")
+    p.add_argument("--metrics-file", metavar="F",
+                   help="also write Prometheus text-format metrics to F (textfile collector)")
     p.add_argument("--log-file", metavar="F", help="also log to F (logrotate-safe)")
     p.add_argument("--log-json", action="store_true", default=None,
                    help="log one JSON object per line")
@@ -888,7 +916,8 @@ def _run_config(run: dict, args):
 def build_config(args) -> tuple[DaemonConfig, object]:
     cfg, run = load_config(getattr(args, "config", None))
     for name in ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
-                 "until_idle", "idle_commit", "status_file", "log_file", "on_stop", "delete_done"):
+                 "until_idle", "idle_commit", "status_file", "metrics_file", "log_file",
+                 "on_stop", "delete_done"):
         v = getattr(args, name, None)
         if v is not None:
             setattr(cfg, name, v)

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError, WarpRejected
-from .ingest import Outcome, fold_into_shard, shard_inputs
+from .ingest import Outcome, fold_into_shard, ledger_duplicate, shard_inputs
 from .ledger import WarpRecord
 from .skymap import Box, PatchId
 from .warp import WarpId, _pixel_origin, _read_bytes, file_hash, read_warp
@@ -536,15 +536,9 @@ class DistributedIngestor:
         store = self.store
         data = _read_bytes(path)
         h = file_hash(data)
-        rec = store.ledger.get(h)
-        if rec is not None and rec.status != "retracted":
-            return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
-                           warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
-                           content_hash=h)
-        if rec is not None and not self.allow_refold:
-            raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was "
-                                     "retracted; to fold it again use 'streamcoadd ingest "
-                                     "--allow-refold'")
+        known = ledger_duplicate(store, path, h, self.allow_refold)
+        if known is not None:
+            return known
         if h in self._items:
             o = self._items[h].outcome
             return Outcome(path, "duplicate", reason=f"same content as {o.path}",

@@ -43,6 +43,24 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def makedirs_durable(path: str | Path) -> None:
+    """``mkdir -p`` that fsyncs the parent of every directory it creates, so that a new
+    directory (a new shard) is still there after a power cut once its files are fsynced."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        fsync_dir(d.parent)
+
+
 def write_atomic(path: str | Path, data: bytes, crash_name: str | None = None) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file:
     write a ``.tmp`` sibling, fsync it, rename over ``path``, fsync the directory."""

@@ -210,7 +210,8 @@ def stitch(patch: PatchId, tract: Tract, coadds: list[CellCoadd]) -> tuple[Box, 
     n = tract.cells.cells_per_patch
     out = {"IMAGE": np.full(box.shape, np.nan, np.float32),
            "MASK": np.full(box.shape, BIT["NO_DATA"], np.int32),
-           "VARIANCE": np.full(box.shape, np.inf, np.float32)}
+           "VARIANCE": np.full(box.shape, np.inf, np.float32),
+           "MASKFRAC": np.zeros(box.shape, np.float32)}
     for c in coadds:
         region = c.inner_box
         x0 = c.outer_box.x0 if c.cell.x == 0 else region.x0
@@ -223,6 +224,7 @@ def stitch(patch: PatchId, tract: Tract, coadds: list[CellCoadd]) -> tuple[Box, 
         out["IMAGE"][dst] = c.image[src]
         out["MASK"][dst] = c.mask[src]
         out["VARIANCE"][dst] = c.variance[src]
+        out["MASKFRAC"][dst] = c.maskfrac[src]
     return box, out
 
 

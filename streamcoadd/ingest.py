@@ -96,14 +96,9 @@ class Ingestor:
         store = self.store
         data = _read_bytes(path)
         h = file_hash(data)
-        rec = store.ledger.get(h)
-        if rec is not None and rec.status != "retracted":
-            return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
-                           warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
-                           content_hash=h)
-        if rec is not None and not self.allow_refold:
-            raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was "
-                                     "retracted; to fold it again use 'streamcoadd ingest --allow-refold'")
+        known = ledger_duplicate(store, path, h, self.allow_refold)
+        if known is not None:
+            return known
         for o in self._pending:
             if o.content_hash == h:
                 return Outcome(path, "duplicate", reason=f"same content as {o.path}",
@@ -172,6 +167,23 @@ def fold_into_shard(store: StateStore, shard: Shard, inputs: list[CellInput],
         w = prepared.warp
         shard.pending_warps[w.content_hash] = (w.id.visit, w.id.detector)
     return len(inputs)
+
+
+def ledger_duplicate(store: StateStore, path: str, h: str,
+                     allow_refold: bool) -> Outcome | None:
+    """The ``duplicate`` outcome if the ledger already has this content; raises
+    ``WarpRejected`` for retracted content unless ``allow_refold``; None if new."""
+    rec = store.ledger.get(h)
+    if rec is None:
+        return None
+    if rec.status != "retracted":
+        return Outcome(path, "duplicate", reason=f"already folded from {rec.path}",
+                       warp_id=WarpId(rec.tract, rec.visit, rec.detector), band=rec.band,
+                       content_hash=h)
+    if not allow_refold:
+        raise WarpRejected(path, f"visit {rec.visit} detector {rec.detector} was retracted; "
+                                 "to fold it again use 'streamcoadd ingest --allow-refold'")
+    return None
 
 
 def _same_id(warps: dict[str, tuple[int, int]], wid: WarpId, h: str) -> bool:

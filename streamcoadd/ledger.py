@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .durable import crash_point
+from .errors import StateWriteError, write_error_message
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS warps (
@@ -116,13 +117,24 @@ class Ledger:
         return self.db.execute("SELECT kind, detail, at FROM events ORDER BY id").fetchall()
 
     def _transaction(self):
-        db = self.db
+        db, path = self.db, self.path
 
         class _Tx:
             def __enter__(self):
                 db.execute("BEGIN IMMEDIATE")
 
-            def __exit__(self, exc_type, *_):
-                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            def __exit__(self, exc_type, exc, tb):
+                try:
+                    db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                except sqlite3.Error as e:  # COMMIT failed (disk full...)
+                    exc = e
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                if isinstance(exc, (sqlite3.OperationalError, OSError)):
+                    raise StateWriteError(write_error_message(str(path), exc),
+                                          getattr(exc, "errno", None)) from exc
+                return False
 
         return _Tx()

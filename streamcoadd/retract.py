@@ -30,7 +30,9 @@ class RetractReport:
 
 
 def find_warp_file(rec: WarpRecord, files: list[Path], search: list[Path]) -> Path:
-    candidates = [*files, Path(rec.path)]
+    first = Path(rec.path)
+    # where the daemon puts folded files by default: a 'done' sibling of the inbox
+    candidates = [*files, first, first.parent.parent / "done" / first.name]
     for d in search:
         candidates += [d / Path(rec.path).name, *sorted(d.glob("*.fits"))]
     for c in candidates:

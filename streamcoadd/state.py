@@ -30,8 +30,8 @@ from pathlib import Path
 
 from .cellfile import read_cell_file, write_cell_file
 from .config import FoldConfig
-from .durable import crash_point, fsync_dir, write_atomic
-from .errors import StateError, UserError
+from .durable import crash_point, fsync_dir, makedirs_durable, write_atomic
+from .errors import StateError, StateWriteError, UserError, write_error_message
 from .fold import CellAccumulator
 from .ledger import Ledger
 from .skymap import CellId, PatchId, SkyMap, skymap_from_dict
@@ -112,6 +112,7 @@ class StateStore:
         self.shard_locking = shard_locking
         self._lock_fd = None
         self.shards: dict[tuple[PatchId, str], Shard] = {}
+        self.bytes_written = 0  # cell files and manifests written by this process
         if write and not shard_locking:
             self._take_lock()
         self.ledger = Ledger(root / "ledger.sqlite", write=write and not shard_locking)
@@ -252,6 +253,7 @@ class StateStore:
                 for tmp in d.glob("*.tmp"):
                     tmp.unlink()
                     removed.append(tmp)
+                    crash_point("debris-removed")
                 if (d / "manifest.json").exists():
                     px, py = (int(v) for v in d.parent.name[1:].split("-"))
                     patch = PatchId(int(d.parent.parent.name[1:]), px, py)
@@ -271,6 +273,7 @@ class StateStore:
             if f.name not in live:
                 f.unlink()
                 removed.append(f)
+                crash_point("debris-removed")
         return removed
 
     def shard(self, patch: PatchId, band: str) -> Shard:
@@ -317,14 +320,23 @@ class StateStore:
         """Make every dirty shard durable (see the module docstring for the protocol)."""
         for shard in self.shards.values():
             if shard.changed:
-                self._commit_shard(shard)
+                try:
+                    self._commit_shard(shard)
+                except OSError as e:  # disk full, quota, I/O error
+                    if not self.shard_locking:  # free the space this commit took
+                        try:
+                            self._recover_shard(shard.patch, shard.band)
+                        except OSError:
+                            pass
+                    raise StateWriteError(write_error_message(str(shard.directory), e),
+                                          e.errno) from e
         self.trim_cache(self.cache_bytes)
 
     cache_bytes: int = int(2e9)
 
     def _commit_shard(self, shard: Shard) -> None:
         d = shard.directory
-        d.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(d)  # a new shard's directory entry must survive a power cut
         if not self.shard_locking:
             return self._write_shard(shard)
         with _shard_lock(d):
@@ -348,8 +360,9 @@ class StateStore:
             if key in cell_gens:
                 superseded.append(d / self.cell_filename(cell, cell_gens[key]))
             if acc.groups:
-                write_cell_file(d / self.cell_filename(cell, gen), acc, shard.band, gen,
-                                tract.cell_inner_box(cell))
+                path = d / self.cell_filename(cell, gen)
+                write_cell_file(path, acc, shard.band, gen, tract.cell_inner_box(cell))
+                self.bytes_written += path.stat().st_size
                 cell_gens[key] = gen
             else:  # emptied by a retraction
                 cell_gens.pop(key, None)
@@ -365,7 +378,9 @@ class StateStore:
             "cells": {f"{x}-{y}": g for (x, y), g in sorted(cell_gens.items())},
             "warps": {h: list(v) for h, v in warps.items()},
         }
-        write_atomic(d / "manifest.json", json.dumps(manifest).encode(), "manifest")
+        blob = json.dumps(manifest).encode()
+        write_atomic(d / "manifest.json", blob, "manifest")
+        self.bytes_written += len(blob)
         crash_point("manifest-committed")
         shard.commit, shard.cell_gens, shard.warps = gen, cell_gens, warps
         shard.dirty.clear()
@@ -376,6 +391,7 @@ class StateStore:
                 f.unlink()
             except FileNotFoundError:
                 pass
+            crash_point("old-generation-deleted")
 
     def trim_cache(self, limit: int) -> None:
         """Drop clean cells of the least recently used shards until under ``limit`` bytes."""

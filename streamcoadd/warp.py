@@ -25,6 +25,10 @@ from .skymap import Box, SkyMap
 NO_DATA = 1 << CANONICAL_PLANES["NO_DATA"]
 MAX_WARP_BYTES = 8 * 2**30  # refuse absurd files before reading them
 WCS_TOLERANCE_PX = 1e-3
+# A warp's scalar weight (1/nJy^2) must lie in this range: outside it w^2 * var over- or
+# underflows float64 in the sums (an absurd WEIGHT header, or a variance plane in the
+# wrong units), which would leave non-finite accumulators in the state.
+WEIGHT_RANGE = (1e-30, 1e30)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         data = _gunzip(path, data)
     if not data.startswith(b"SIMPLE  ="):
         raise WarpRejected(path, "not a FITS file (it does not start with 'SIMPLE  =')")
+    _check_declared_sizes(path, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", AstropyWarning)
@@ -117,13 +122,75 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         raise
     except UserError as e:
         raise WarpRejected(path, str(e)) from None
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AstropyWarning,
-            fits.VerifyError, MemoryError, OverflowError) as e:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            AstropyWarning, fits.VerifyError, MemoryError, OverflowError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "truncated" in msg:
             raise WarpRejected(path, f"the file is truncated ({msg[:200]}); deliver it again "
                                      "complete (write to NAME.tmp, then rename)") from None
         raise WarpRejected(path, f"not a readable warp FITS file ({msg[:300]})") from None
+
+
+MAX_NAXIS = 3  # a warp's HDUs are 2-D images, a 3-D PSF cube, or a (2-D) table
+
+
+def _check_declared_sizes(path: str, data: bytes) -> None:
+    """Walk the HDU headers and refuse absurd dimensions before astropy sees them: astropy
+    loops over ``range(NAXIS)`` (NAXIS = 10**9 in a tiny file would run for hours and eat
+    memory) and trusts NAXISn. Anything this simple parser does not understand is left
+    to astropy, which rejects it."""
+    pos, n = 0, len(data)
+    while pos < n:
+        axes, bitpix, pcount, gcount = {}, None, 0, 1
+        end = None
+        for off in range(pos, min(n - 79, pos + 2880 * 100), 80):
+            key = data[off:off + 8].rstrip()
+            if key == b"END":
+                end = off + 80
+                break
+            if data[off + 8:off + 10] != b"= ":
+                continue
+            value = data[off + 10:off + 80].split(b"/")[0].strip()
+            if key.startswith(b"NAXIS") or key in (b"BITPIX", b"PCOUNT", b"GCOUNT"):
+                try:
+                    v = int(value)
+                except ValueError:
+                    try:  # astropy may still take '1E9' or '1.0E9' as a number
+                        v = float(value.replace(b"D", b"E"))
+                        if not np.isfinite(v) or v != int(v):
+                            raise ValueError
+                        v = int(v)
+                    except ValueError:
+                        if key == b"NAXIS":
+                            raise WarpRejected(path, f"header NAXIS = {value[:20]!r} is not "
+                                                     "an integer") from None
+                        continue  # astropy reports it
+                if key == b"NAXIS":
+                    if not 0 <= v <= MAX_NAXIS:
+                        raise WarpRejected(path, f"header declares NAXIS = {v}; a warp HDU "
+                                                 f"has at most {MAX_NAXIS} axes")
+                elif key == b"BITPIX":
+                    bitpix = v
+                elif key == b"PCOUNT":
+                    pcount = v
+                elif key == b"GCOUNT":
+                    gcount = v
+                else:
+                    axes[key] = v
+        if end is None:
+            return  # no END card: astropy reports the broken header
+        dims = list(axes.values())
+        if any(v < 0 for v in dims) or pcount < 0 or gcount < 0:
+            raise WarpRejected(path, f"header declares a negative size {sorted(axes.items())}")
+        size = 0
+        if dims and bitpix is not None:
+            size = abs(bitpix) // 8 * gcount * (pcount + int(np.prod(dims, dtype=object)))
+        start = -(-end // 2880) * 2880  # the header is padded to a 2880-byte block
+        if start + size > n:
+            raise WarpRejected(path, f"an HDU declares {size} bytes of data "
+                                     f"({' x '.join(str(v) for v in dims)}) but the file has "
+                                     f"only {max(0, n - start)} bytes left: truncated or corrupt")
+        pos = start + -(-size // 2880) * 2880
 
 
 def _read_bytes(path: str) -> bytes:
@@ -168,8 +235,8 @@ def _hdu(path, hdul, name):
     except KeyError:
         present = ", ".join(h.name for h in hdul[1:]) or "none"
         raise WarpRejected(path, f"missing HDU {name!r} (extensions present: {present})") from None
-    if hdu.data is None:
-        raise WarpRejected(path, f"HDU {name!r} holds no data")
+    if getattr(hdu, "data", None) is None:  # an HDU astropy cannot classify has no .data
+        raise WarpRejected(path, f"HDU {name!r} holds no data (or is not a valid image HDU)")
     return hdu
 
 
@@ -199,6 +266,9 @@ def _parse(path, data, hdul, skymap, bad_planes, noise_realizations) -> Warp:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
                 or not np.isfinite(weight) or weight <= 0:
             raise WarpRejected(path, f"header WEIGHT must be a positive finite number, got {weight!r}")
+        if not WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]:
+            raise WarpRejected(path, f"header WEIGHT = {weight!r} is outside the sane range "
+                                     f"{WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g} (1/nJy^2)")
         weight = float(weight)
     tract = skymap.tract(tract_id)
 

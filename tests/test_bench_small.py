@@ -1,0 +1,63 @@
+"""Smoke test of the benchmark harness: ``scripts/bench.py --small`` runs end to end and
+produces a report whose numbers are sane. No timing thresholds here, ever: machines are
+noisy; the benchmark reports ratios, it does not gate CI on them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_small_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.md"
+    raw = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--small",
+                        "--out", str(out), "--work", str(tmp_path / "work"),
+                        "--json", str(raw)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    # the report, its plot, and the generated data cleaned up
+    text = out.read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert not (tmp_path / "work").exists()
+    assert "python3 scripts/bench.py --small" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any("ingest / floor" in line for line in table)
+    assert not any(re.search(r"\bnan\b|\binf\b", line, re.I) for line in table), table
+
+    # the numbers behind it
+    res = json.loads(raw.read_text())
+    assert res["results"], res
+    for r in res["results"]:
+        ing = r["ingest"]
+        assert len(ing["per_warp"]) == r["n"]
+        assert all(_finite_positive(p["total_s"]) for p in ing["per_warp"])
+        assert ing["commits"] >= 1 and sum(ing["commit_sizes"]) == r["n"]
+        assert _finite_positive(ing["e2e_s"]) and _finite_positive(ing["maxrss_mb"])
+        assert ing["state_bytes"] > 0 and max(ing["cells_per_warp"]) > 0
+        assert _finite_positive(r["floor"]["e2e_s"])
+        assert r["floor"]["check"]["cells"] > 0
+        assert math.isfinite(r["floor"]["check"]["image_over_sigma"])
+        for k in ("ingest_over_floor", "ours_mpix_s", "floor_mpix_s"):
+            assert _finite_positive(r["ratios"][k]), k
+        assert math.isfinite(ing["quarter_ratio"])
+        fin = r["finalize"]
+        assert _finite_positive(fin["cell"]["cold_total_s"]) and fin["cell"]["n_inputs"] > 0
+        assert _finite_positive(fin["patch"]["patch_s"]) and fin["patch"]["rc"] == 0
+        peers = r["peers"]
+        if "madd" in peers:  # when Montage is installed
+            assert _finite_positive(r["ratios"]["ours_over_madd_mpix"])
+            assert math.isfinite(peers["compare"]["madd"]["max_rel_diff"])
