@@ -306,6 +306,9 @@ class _SdNotify:
             try:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self.sock.connect(addr)
+                # never stall the daemon on a notify socket nobody reads (a full
+                # datagram queue would block send); a dropped ping is harmless
+                self.sock.setblocking(False)
             except OSError:
                 self.sock = None
         usec = os.environ.get("WATCHDOG_USEC")
