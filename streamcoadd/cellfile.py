@@ -120,7 +120,13 @@ def write_cell_file(path: Path, acc: CellAccumulator, band: str, generation: int
 def read_cell_file(path: Path) -> tuple[CellAccumulator, dict]:
     """Read a cell generation; returns the accumulator and the file attributes.
     Raises ``OSError`` (missing, unreadable, or checksum mismatch)."""
-    with h5py.File(path, "r", locking=False) as f:
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        if not Path(path).exists():  # h5py reports a file deleted meanwhile as a stat error
+            raise FileNotFoundError(2, "cell generation was superseded", str(path)) from e
+        raise
+    with f:
         attrs = dict(f.attrs)
         if attrs.get("format") != CELL_FORMAT:
             raise OSError(f"{path}: not a streamcoadd cell file")
