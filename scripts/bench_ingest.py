@@ -52,9 +52,9 @@ class Sampler(threading.Thread):
 _submit, _commit = Ingestor.submit, Ingestor.commit
 
 
-def submit(self, path):
+def submit(self, path, then=None):
     t = time.perf_counter()
-    o = _submit(self, path)
+    o = _submit(self, path, then)
     events.append(dict(kind="submit", path=str(path), status=o.status, cells=o.cells,
                        t=t - T0, dt=time.perf_counter() - t, rss_mb=rss_mb(),
                        dirty_gb=self.store.dirty_bytes() / 1e9))

@@ -40,7 +40,7 @@ def _site_config(path: str | None) -> dict:
 
 def run_config(args) -> RunConfig:
     d = dict(_site_config(getattr(args, "config", None)).get("run", {}))
-    for key in ("commit_every", "commit_interval", "cache_gb"):
+    for key in ("commit_every", "commit_interval", "cache_gb", "prefetch", "commit_processes"):
         v = getattr(args, key, None)
         if v is not None:
             d[key] = v
@@ -108,8 +108,9 @@ def cmd_ingest(args) -> int:
         ing = Ingestor(store, run_config(args), allow_refold=args.allow_refold)
         bar = _progress(len(files), args.quiet)
         try:
-            for f in files:
-                o = ing.submit(f)
+            for i, f in enumerate(files):
+                # the next file is read and prepared on a second core while f folds
+                o = ing.submit(f, then=files[i + 1] if i + 1 < len(files) else None)
                 if o.status in ("duplicate", "rejected"):
                     counts[o.status] += 1
                 if o.status == "rejected":
@@ -122,6 +123,7 @@ def cmd_ingest(args) -> int:
             for d in ing.commit():
                 counts[d.status] += 1
         finally:
+            ing.close()
             bar.close()
     dt = time.perf_counter() - t0
     print(f"{len(files)} file(s) in {dt:.1f} s: {counts['folded']} folded, "
@@ -322,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="settings TOML ([run] table)")
     s.add_argument("--commit-every", type=int, dest="commit_every",
                    help="warps folded in memory per durable commit")
+    s.add_argument("--prefetch", type=int, dest="prefetch",
+                   help="warps read and prepared ahead on a second thread (0: off; default 1)")
+    s.add_argument("--commit-processes", type=int, dest="commit_processes",
+                   help="processes writing a commit's cell files (1: no fork; default 2)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--allow-refold", action="store_true",
                    help="fold again warps that were retracted")

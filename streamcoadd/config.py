@@ -71,6 +71,8 @@ class RunConfig:
     commit_every: int = 16  # warps folded in memory per durable commit
     commit_interval: float = 30.0  # s; a commit happens at least this often while folding
     cache_gb: float = 2.0  # bound on accumulators held in memory (GB)
+    prefetch: int = 1  # warps read and prepared ahead on a second thread (0: off)
+    commit_processes: int = 2  # processes that write a commit's cell files (1: no fork)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

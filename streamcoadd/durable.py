@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 _hits: dict[str, int] = {}
+in_child_writer = False  # set in a forked cell-writer child: a crash takes the parent too
 
 
 def crash_point(name: str) -> None:
@@ -24,6 +25,8 @@ def crash_point(name: str) -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] >= int(nth or 1):
+        if in_child_writer:
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

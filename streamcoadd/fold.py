@@ -31,7 +31,6 @@ from .skymap import Box, CellId, Tract
 from .warp import NO_DATA, WEIGHT_RANGE, Warp
 
 GROUPS = ("good", "fallback")
-_CLIP = SigmaClip(sigma=3.0, maxiters=2)  # astropy's default: median centre, std width
 
 
 # --------------------------------------------------------------------------- warp level
@@ -82,7 +81,11 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
                                       "WEIGHT keyword in the primary header")
     # float64, as astropy's sigma_clipped_stats: clipping the float32 values is faster
     # but can keep a different pixel at the 3-sigma edge (seen: one warp in 32).
-    kept = _CLIP(var.astype(np.float64), masked=False, copy=False)
+    # A new SigmaClip per call: it keeps per-call state on the instance (not thread-safe).
+    # sigma 3, 2 iterations, median centre and std width (astropy's defaults; np.median
+    # is exact here, there are no NaNs, and 2-4x faster than bottleneck's nanmedian).
+    clip = SigmaClip(sigma=3.0, maxiters=2, cenfunc=np.median, stdfunc="std")
+    kept = clip(var.astype(np.float64), masked=False, copy=False)
     weight = 1.0 / float(np.mean(kept, dtype=np.float64))
     if not WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]:  # also catches inf, nan, <= 0
         raise WarpRejected(warp.path, f"weight 1/<variance> = {weight!r} is not in "
@@ -180,35 +183,62 @@ class Contributor:
 class CellSums:
     """Running float64 sums of one group (good or fallback inputs) of one cell.
 
-    Image-like arrays have the cell outer shape (H, W); ``noise`` is (K, H, W);
-    ``planes[name]`` is the weight of inputs carrying that propagated plane.
+    Image-like arrays have the cell outer shape (H, W); ``noise`` is (K, H, W). Planes that
+    are usually uniform or mostly zero are held compactly and read through properties:
+
+    - ``sum_w`` = ``w_full`` (the weight of inputs with data on every pixel of the outer
+      box: a scalar) + ``w_partial`` (per-pixel weight of the other inputs, or None);
+    - ``sum_w_interp`` (weight that came from interpolated pixels), ``mask_or`` (OR of the
+      inputs' kept mask bits): arrays allocated on first use (None = all zero);
+    - ``planes[name]``: weight of inputs carrying that propagated plane;
+      ``bit_counts[bit]``: number of inputs with that mask bit set (int32).
     """
 
-    sum_w: np.ndarray
+    shape: tuple[int, int]
     sum_wI: np.ndarray
     sum_w2var: np.ndarray
-    sum_w_interp: np.ndarray
-    mask_or: np.ndarray
     noise: np.ndarray
     psf_sum: np.ndarray
     psf_w: float = 0.0
+    w_full: float = 0.0
+    w_partial: np.ndarray | None = None
+    interp: np.ndarray | None = None
+    mask_bits: np.ndarray | None = None
     planes: dict[str, np.ndarray] = field(default_factory=dict)
     bit_counts: dict[int, np.ndarray] = field(default_factory=dict)  # bit -> int32 count
     contributors: list[Contributor] = field(default_factory=list)
 
     @classmethod
     def zeros(cls, shape: tuple[int, int], psf_size: int, n_noise: int) -> "CellSums":
-        z = lambda: np.zeros(shape, np.float64)  # noqa: E731
-        return cls(sum_w=z(), sum_wI=z(), sum_w2var=z(), sum_w_interp=z(),
-                   mask_or=np.zeros(shape, np.int32),
+        shape = tuple(shape)
+        return cls(shape=shape, sum_wI=np.zeros(shape, np.float64),
+                   sum_w2var=np.zeros(shape, np.float64),
                    noise=np.zeros((n_noise, *shape), np.float64),
                    psf_sum=np.zeros((psf_size, psf_size), np.float64))
 
     @property
+    def sum_w(self) -> np.ndarray:
+        """Σ w over the inputs with data at each pixel (float64, (H, W); a new array)."""
+        if self.w_partial is None:
+            return np.full(self.shape, self.w_full, np.float64)
+        return self.w_partial + self.w_full
+
+    @property
+    def sum_w_interp(self) -> np.ndarray:
+        return self.interp if self.interp is not None else np.zeros(self.shape, np.float64)
+
+    @property
+    def mask_or(self) -> np.ndarray:
+        return self.mask_bits if self.mask_bits is not None else np.zeros(self.shape, np.int32)
+
+    def plane_zeros(self, dtype) -> np.ndarray:
+        return np.zeros(self.shape, dtype)
+
+    @property
     def nbytes(self) -> int:
-        arrays = [self.sum_w, self.sum_wI, self.sum_w2var, self.sum_w_interp, self.mask_or,
+        arrays = [self.sum_wI, self.sum_w2var, self.w_partial, self.interp, self.mask_bits,
                   self.noise, self.psf_sum, *self.planes.values(), *self.bit_counts.values()]
-        return sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in arrays if a is not None)
 
 
 @dataclass
@@ -337,12 +367,16 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
     w = np.float64(pw.weight)
     ws_ = np.float64(sign) * w  # signed weight
     valid = pw.valid[ws]
-    if valid.all():
-        wv = ws_  # the common case: a scalar weight over the whole box
-        sums.sum_w[cs] += ws_
+    if part == outer and valid.all():
+        wv = ws_  # the common case: one scalar weight over the whole box
+        sums.w_full += float(ws_)
+        if sign < 0 and abs(sums.w_full) <= 1e-9 * w:
+            sums.w_full = 0.0  # the last full input left: no round-off residue
     else:
         wv = valid * ws_
-        sums.sum_w[cs] += wv
+        if sums.w_partial is None:
+            sums.w_partial = sums.plane_zeros(np.float64)
+        sums.w_partial[cs] += wv
     tmp = np.empty(part.shape, np.float64)
     np.multiply(pw.image[ws], wv, out=tmp)
     sums.sum_wI[cs] += tmp
@@ -353,13 +387,15 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
         sums.noise[k][cs] += tmp
     bad = pw.bad[ws]
     if bad.any():
-        sums.sum_w_interp[cs] += bad * ws_
+        if sums.interp is None:
+            sums.interp = sums.plane_zeros(np.float64)
+        sums.interp[cs] += bad * ws_
     for name, plane in pw.planes.items():
         p = plane[ws]
         if p.any():
             arr = sums.planes.get(name)
             if arr is None:
-                arr = sums.planes[name] = np.zeros(outer.shape, np.float64)
+                arr = sums.planes[name] = sums.plane_zeros(np.float64)
             arr[cs] += p * ws_
     or_mask = pw.or_mask[ws]
     bits = int(np.bitwise_or.reduce(or_mask, axis=None))
@@ -370,14 +406,24 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
         if bits >> bit & 1:
             cnt = sums.bit_counts.get(bit)
             if cnt is None:
-                cnt = sums.bit_counts[bit] = np.zeros(outer.shape, np.int32)
+                cnt = sums.bit_counts[bit] = sums.plane_zeros(np.int32)
             cnt[cs] += sign * ((or_mask >> bit) & 1)
     if sign > 0:
-        sums.mask_or[cs] |= or_mask
+        if sums.mask_bits is None:
+            sums.mask_bits = sums.plane_zeros(np.int32)
+        sums.mask_bits[cs] |= or_mask
     else:
-        sums.mask_or[...] = 0
-        for bit, cnt in list(sums.bit_counts.items()):
-            if cnt.any():
-                sums.mask_or |= (cnt > 0).astype(np.int32) << bit
-            else:
-                del sums.bit_counts[bit]
+        sums.mask_bits = mask_from_bit_counts(sums)
+
+
+def mask_from_bit_counts(sums: CellSums) -> np.ndarray | None:
+    """The OR mask implied by the per-bit counts (drops bits no input carries any more)."""
+    out = None
+    for bit, cnt in list(sums.bit_counts.items()):
+        if not cnt.any():
+            del sums.bit_counts[bit]
+            continue
+        if out is None:
+            out = sums.plane_zeros(np.int32)
+        out |= (cnt > 0).astype(np.int32) << bit
+    return out

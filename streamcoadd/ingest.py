@@ -3,6 +3,8 @@
 ``Ingestor.submit(path)`` reads, validates and folds one warp in memory; ``commit()``
 makes every pending warp durable at once. Callers (``ingest``, the daemon) must keep a
 warp's file until ``commit()`` has returned its outcome: the files are the replay log.
+``Ingestor.prefetch(next_path)`` before ``submit(path)`` reads and prepares the next file
+on a second core meanwhile (``RunConfig.prefetch``; see :mod:`streamcoadd.loader`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from dataclasses import dataclass
 
 from .config import FoldConfig, RunConfig
 from .errors import WarpRejected
-from .fold import CellInput, PreparedWarp, cell_input, fold_cell, prepare_warp
+from .fold import CellInput, PreparedWarp, cell_input, fold_cell
 from .ledger import WarpRecord
+from .loader import WarpLoader
 from .memory import retain_freed_memory
 from .skymap import PatchId, Tract
 from .state import Shard, StateStore
-from .warp import WarpId, _read_bytes, file_hash, read_warp
+from .warp import WarpId
 
 
 @dataclass
@@ -47,8 +50,26 @@ class Ingestor:
         self.run = run
         self.allow_refold = allow_refold  # fold again warps that were retracted
         store.cache_bytes = int(run.cache_gb * 1e9)
+        store.commit_processes = run.commit_processes
+        self.loader = WarpLoader(store.skymap, store.fold, depth=run.prefetch)
         self._pending: list[Outcome] = []
         self._first_pending_at: float | None = None
+
+    def prefetch(self, path) -> None:
+        """Start reading and preparing ``path`` in the background (the file that will be
+        submitted next); a no-op when prefetching is off or one is already waiting.
+        ``submit(path, then=next_path)`` does this at the right moment."""
+        self.loader.prefetch(path)
+
+    def close(self) -> None:
+        """Stop the loader thread (pending work is not committed: call commit first)."""
+        self.loader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def pending(self) -> int:
@@ -61,11 +82,13 @@ class Ingestor:
                 or time.monotonic() - self._first_pending_at >= self.run.commit_interval
                 or self.store.dirty_bytes() >= self.store.cache_bytes)
 
-    def submit(self, path) -> Outcome:
+    def submit(self, path, then=None) -> Outcome:
+        """Read, validate and fold ``path`` in memory. ``then``: the file that will be
+        submitted next, read and prepared in the background while this one folds."""
         t0 = time.perf_counter()
         path = str(path)
         try:
-            outcome = self._submit(path)
+            outcome = self._submit(path, then)
         except WarpRejected as e:
             self.store.ledger.record_rejection(path, e.reason)
             outcome = Outcome(path, "rejected", reason=e.reason)
@@ -92,10 +115,12 @@ class Ingestor:
         return done
 
     # ------------------------------------------------------------------ internals
-    def _submit(self, path: str) -> Outcome:
+    def _submit(self, path: str, then) -> Outcome:
         store = self.store
-        data = _read_bytes(path)
-        h = file_hash(data)
+        loaded = self.loader.take(path)
+        if then is not None:
+            self.loader.prefetch(then)
+        h = loaded.content_hash
         known = ledger_duplicate(store, path, h, self.allow_refold)
         if known is not None:
             return known
@@ -103,10 +128,12 @@ class Ingestor:
             if o.content_hash == h:
                 return Outcome(path, "duplicate", reason=f"same content as {o.path}",
                                warp_id=o.warp_id, band=o.band, content_hash=h)
+        if loaded.rejection is not None:
+            raise loaded.rejection
+        prepared = loaded.prepared
+        warp = prepared.warp
         fold = store.fold
-        warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations, data=data)
         self._check_identity(warp.id, h, path)
-        prepared = prepare_warp(warp, fold)
         tract = store.skymap.tract(warp.id.tract)
 
         # Plan everything first, so that a rejection leaves memory untouched.

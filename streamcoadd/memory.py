@@ -14,6 +14,7 @@ import ctypes.util
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _done = False
 
 
@@ -27,6 +28,9 @@ def retain_freed_memory(max_block: int = 1 << 30) -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, max_block) == 1
         ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 62) == 1 if ok else False
+        # One arena for all threads: a thread's own arena is capped at 64 MB heaps, so a
+        # warp loaded in a background thread would be mmap'ed (and faulted in) afresh.
+        ok &= libc.mallopt(_M_ARENA_MAX, 1) == 1 if ok else False
     except (OSError, AttributeError):
         return False
     _done = bool(ok)

@@ -31,7 +31,7 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from .cellfile import CELL_FORMAT, CELL_VERSION, read_cell_file
+from .cellfile import CELL_FORMAT, READABLE_VERSIONS, load_plane, read_cell_file
 from .errors import StateError, UserError
 from .finalize import BIT, CellCoadd, box_wcs, coadd_cell, contributors_table
 from .fold import GROUPS
@@ -86,9 +86,9 @@ def limiting_magnitude(variance: float, psf: np.ndarray, nsigma: float = 5.0) ->
 def _check_version(path, attrs) -> None:
     if attrs.get("format") != CELL_FORMAT:
         raise StateError(f"{path}: not a streamcoadd cell file")
-    if int(attrs.get("version", -1)) != CELL_VERSION:
+    if int(attrs.get("version", -1)) not in READABLE_VERSIONS:
         raise StateError(f"{path}: cell format version {attrs.get('version')} is not "
-                         f"{CELL_VERSION}; upgrade streamcoadd")
+                         f"one of {READABLE_VERSIONS}; upgrade streamcoadd")
 
 
 def _decode(v):
@@ -386,8 +386,8 @@ class PatchView:
                     inner = Box(*(int(v) for v in attrs["inner_box"]))
                     outer = Box(*(int(v) for v in attrs["outer_box"]))
                     sl = inner.slices((outer.x0, outer.y0))
-                    sum_w = g["sum_w"][()][sl]
-                    sum_w2var = g["sum_w2var"][()][sl]
+                    sum_w = load_plane(g["sum_w"])[sl]
+                    sum_w2var = load_plane(g["sum_w2var"])[sl]
                     psf_sum = g["psf_sum"][()]
                     psf_w = float(g.attrs["psf_w"])
                     contrib = g["contributors"][()]

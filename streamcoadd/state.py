@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cellfile import read_cell_file, write_cell_file
+from .cellfile import read_cell_file, write_cell_file, write_cells_parallel
 from .config import FoldConfig
 from .durable import crash_point, fsync_dir, makedirs_durable, write_atomic
 from .errors import StateError, StateWriteError, UserError, write_error_message
@@ -77,6 +77,17 @@ class Shard:
     @property
     def dirty_bytes(self) -> int:
         return sum(self.cells[c].nbytes for c in self.dirty)
+
+
+@dataclass
+class _ShardPlan:
+    """What one shard's commit writes: ``jobs`` are :func:`write_cell_file` arguments."""
+
+    gen: int
+    cell_gens: dict[tuple[int, int], int]
+    jobs: list[tuple] = field(default_factory=list)
+    superseded: list[Path] = field(default_factory=list)
+    emptied: list[CellId] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -317,29 +328,43 @@ class StateStore:
                 del self.shards[key]
 
     def commit(self) -> None:
-        """Make every dirty shard durable (see the module docstring for the protocol)."""
-        for shard in self.shards.values():
-            if shard.changed:
-                try:
+        """Make every dirty shard durable (see the module docstring for the protocol).
+
+        The cell files of all changed shards are written first, by ``commit_processes``
+        processes (encoding HDF5 is CPU-bound and h5py is single-threaded); then each
+        shard's manifest is replaced, one shard after the other."""
+        changed = [s for s in self.shards.values() if s.changed]
+        try:
+            if self.commit_processes > 1 and not self.shard_locking and len(changed) > 0:
+                plans = [self._plan_shard(s) for s in changed]
+                jobs = [job for plan in plans for job in plan.jobs]
+                write_cells_parallel(jobs, self.commit_processes)
+                for shard, plan in zip(changed, plans):
+                    self._finish_shard(shard, plan)
+            else:
+                for shard in changed:
                     self._commit_shard(shard)
-                except OSError as e:  # disk full, quota, I/O error
-                    if not self.shard_locking:  # free the space this commit took
-                        try:
-                            self._recover_shard(shard.patch, shard.band)
-                        except OSError:
-                            pass
-                    raise StateWriteError(write_error_message(str(shard.directory), e),
-                                          e.errno) from e
+        except OSError as e:  # disk full, quota, I/O error
+            if not self.shard_locking:  # free the space this commit took
+                for shard in changed:
+                    try:
+                        self._recover_shard(shard.patch, shard.band)
+                    except OSError:
+                        pass
+            where = e.filename if isinstance(getattr(e, "filename", None), str) else self.root
+            raise StateWriteError(write_error_message(str(where), e), e.errno) from e
         self.trim_cache(self.cache_bytes)
 
     cache_bytes: int = int(2e9)
+    commit_processes: int = 1
 
     def _commit_shard(self, shard: Shard) -> None:
-        d = shard.directory
-        makedirs_durable(d)  # a new shard's directory entry must survive a power cut
+        """Commit one shard alone (cells, then manifest); in shard-locking mode under the
+        shard's lock, compare-and-swap on the manifest's commit number."""
+        makedirs_durable(shard.directory)  # (the shard lock file lives in it)
         if not self.shard_locking:
             return self._write_shard(shard)
-        with _shard_lock(d):
+        with _shard_lock(shard.directory):
             manifest = self.read_manifest(shard.patch, shard.band)
             on_disk = int(manifest["commit"]) if manifest else 0
             if on_disk != shard.commit:
@@ -349,24 +374,39 @@ class StateStore:
             self._write_shard(shard)
 
     def _write_shard(self, shard: Shard) -> None:
+        plan = self._plan_shard(shard)
+        for job in plan.jobs:
+            write_cell_file(*job)
+        self._finish_shard(shard, plan)
+
+    def _plan_shard(self, shard: Shard) -> "_ShardPlan":
+        """The cell files a commit of ``shard`` writes (new generation ``commit + 1``)."""
         d = shard.directory
+        makedirs_durable(d)  # a new shard's directory entry must survive a power cut
         gen = shard.commit + 1
         tract = self.skymap.tract(shard.patch.tract)
-        cell_gens = dict(shard.cell_gens)
-        superseded = []
+        plan = _ShardPlan(gen=gen, cell_gens=dict(shard.cell_gens))
         for cell in sorted(shard.dirty):
             acc = shard.cells[cell]
             key = (cell.x, cell.y)
-            if key in cell_gens:
-                superseded.append(d / self.cell_filename(cell, cell_gens[key]))
+            if key in plan.cell_gens:
+                plan.superseded.append(d / self.cell_filename(cell, plan.cell_gens[key]))
             if acc.groups:
                 path = d / self.cell_filename(cell, gen)
-                write_cell_file(path, acc, shard.band, gen, tract.cell_inner_box(cell))
-                self.bytes_written += path.stat().st_size
-                cell_gens[key] = gen
+                plan.jobs.append((path, acc, shard.band, gen, tract.cell_inner_box(cell)))
+                plan.cell_gens[key] = gen
             else:  # emptied by a retraction
-                cell_gens.pop(key, None)
-                del shard.cells[cell]
+                plan.cell_gens.pop(key, None)
+                plan.emptied.append(cell)
+        return plan
+
+    def _finish_shard(self, shard: Shard, plan: "_ShardPlan") -> None:
+        """After the plan's cell files are durable: the manifest (the commit point), then
+        the superseded generations go."""
+        d = shard.directory
+        self.bytes_written += sum(job[0].stat().st_size for job in plan.jobs)
+        for cell in plan.emptied:
+            del shard.cells[cell]
         fsync_dir(d)
         crash_point("cells-durable")
         warps = {h: v for h, v in {**shard.warps, **shard.pending_warps}.items()
@@ -374,19 +414,19 @@ class StateStore:
         manifest = {
             "format": "streamcoadd-shard", "version": STATE_VERSION,
             "tract": shard.patch.tract, "patch": [shard.patch.x, shard.patch.y],
-            "band": shard.band, "commit": gen, "updated": time.time(),
-            "cells": {f"{x}-{y}": g for (x, y), g in sorted(cell_gens.items())},
+            "band": shard.band, "commit": plan.gen, "updated": time.time(),
+            "cells": {f"{x}-{y}": g for (x, y), g in sorted(plan.cell_gens.items())},
             "warps": {h: list(v) for h, v in warps.items()},
         }
         blob = json.dumps(manifest).encode()
         write_atomic(d / "manifest.json", blob, "manifest")
         self.bytes_written += len(blob)
         crash_point("manifest-committed")
-        shard.commit, shard.cell_gens, shard.warps = gen, cell_gens, warps
+        shard.commit, shard.cell_gens, shard.warps = plan.gen, plan.cell_gens, warps
         shard.dirty.clear()
         shard.pending_warps = {}
         shard.removed_warps = set()
-        for f in superseded:
+        for f in plan.superseded:
             try:
                 f.unlink()
             except FileNotFoundError:

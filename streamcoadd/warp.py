@@ -96,16 +96,19 @@ def file_hash(data: bytes) -> str:
 
 
 def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realizations: int = 0,
-              data: bytes | None = None) -> Warp:
+              data: bytes | None = None, content_hash: str | None = None) -> Warp:
     """Read and validate one warp file.
 
     ``bad_planes`` are the planes that will be interpolated; values under them are not
     required to be finite. ``noise_realizations`` NOISEk HDUs are required and read.
-    ``data`` may pass the file bytes already read.
+    ``data`` may pass the file bytes already read, ``content_hash`` their SHA-256
+    (:func:`file_hash` of the bytes as stored, before any gunzip).
     """
     path = str(path)
     if data is None:
         data = _read_bytes(path)
+    if content_hash is None:
+        content_hash = file_hash(data)
     if len(data) == 0:
         raise WarpRejected(path, "the file is empty")
     if data[:2] == b"\x1f\x8b":
@@ -117,7 +120,7 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         with warnings.catch_warnings():
             warnings.simplefilter("error", AstropyWarning)
             with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
-                return _parse(path, data, hdul, skymap, bad_planes, noise_realizations)
+                return _parse(path, content_hash, hdul, skymap, bad_planes, noise_realizations)
     except WarpRejected:
         raise
     except UserError as e:
@@ -251,7 +254,7 @@ def _int_key(path, header, key, where="primary header"):
     return int(v)
 
 
-def _parse(path, data, hdul, skymap, bad_planes, noise_realizations) -> Warp:
+def _parse(path, content_hash, hdul, skymap, bad_planes, noise_realizations) -> Warp:
     ph = hdul[0].header
     visit = _int_key(path, ph, "VISIT")
     detector = _int_key(path, ph, "DETECTOR")
@@ -323,7 +326,7 @@ def _parse(path, data, hdul, skymap, bad_planes, noise_realizations) -> Warp:
             raise WarpRejected(path, f"{name} has non-finite values in good pixels")
         noise.append(n)
 
-    return Warp(path=path, content_hash=file_hash(data),
+    return Warp(path=path, content_hash=content_hash,
                 id=WarpId(tract_id, visit, detector), band=band, xy0=xy0,
                 image=image, mask=mask, variance=variance, psf=psf, noise=noise,
                 weight_override=weight, instrument=str(ph.get("INSTRUME", "")),

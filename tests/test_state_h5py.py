@@ -10,6 +10,7 @@ import re
 import sqlite3
 import sys
 import zlib
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,25 @@ SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 SKYMAP = load_skymap(SKYMAP_FILE)
 TRACT = SKYMAP.tract(0)
 DOC = ROOT / "docs" / "state-format.md"
+
+
+def plane(ds) -> np.ndarray:
+    """Decode a plane following the 'Plane encodings' table of the document."""
+    enc = ds.attrs.get("encoding", "dense")
+    if isinstance(enc, bytes):
+        enc = enc.decode()
+    if enc == "dense":
+        return ds[()]
+    shape = tuple(int(v) for v in ds.attrs["shape"])
+    if enc == "constant":
+        assert ds.shape == ()
+        return np.full(shape, ds[()])
+    assert enc == "sparse", enc
+    table = ds[()]
+    assert table.dtype.names == ("index", "value")
+    out = np.zeros(shape, table.dtype["value"])
+    out.flat[table["index"]] = table["value"]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +128,7 @@ def test_every_cell_read_with_plain_h5py_matches_reference(built):
     K = meta["fold"]["noise_realizations"]
     P = meta["fold"]["psf_size"]
     seen = set()
+    encodings = Counter()
     hashes = {hashlib.sha256(Path(p).read_bytes()).hexdigest(): p for p in paths}
     for shard, man in _manifests(st).items():
         assert man["format"] == "streamcoadd-shard" and man["version"] == 1
@@ -121,7 +142,7 @@ def test_every_cell_read_with_plain_h5py_matches_reference(built):
             seen.add((cid, band))
             with h5py.File(f, "r", locking=False) as h:
                 a = h.attrs
-                assert a["format"] == "streamcoadd-cell" and int(a["version"]) == 1
+                assert a["format"] == "streamcoadd-cell" and int(a["version"]) == 2
                 assert int(a["tract"]) == tract and tuple(a["patch"]) == (px, py)
                 assert tuple(a["cell"]) == (cx, cy) and a["band"] == band
                 assert int(a["generation"]) == gen
@@ -136,36 +157,38 @@ def test_every_cell_read_with_plain_h5py_matches_reference(built):
                     assert gname in ("good", "fallback"), gname
                 g = h[active]
                 H, W = rc.outer_box.shape
-                for name in ("sum_w", "sum_wI", "sum_w2var", "sum_w_interp"):
-                    assert g[name].shape == (H, W) and g[name].dtype == np.float64, name
+                for name in ("sum_w", "sum_wI", "sum_w2var", "sum_w_interp", "mask_or"):
                     data = g[name][()]
                     assert int(g[name].attrs["crc32"]) == zlib.crc32(np.ascontiguousarray(data))
-                assert g["mask_or"].shape == (H, W) and g["mask_or"].dtype == np.int32
+                    full = plane(g[name])
+                    want = np.int32 if name == "mask_or" else np.float64
+                    assert full.shape == (H, W) and full.dtype == want, name
+                    encodings[g[name].attrs.get("encoding", "dense")] += 1
                 assert g["noise"].shape == (K, H, W)
                 assert g["psf_sum"].shape == (P, P)
                 clean = (rc.sum_w > 0) & ~rc.interpolated
-                close_rel(g["sum_w"][()], rc.sum_w, 1e-10, f"{cid} sum_w")
-                close_rel(g["sum_w_interp"][()], rc.sum_w_interp, 1e-10, f"{cid} interp")
-                close_rel(g["sum_wI"][()][clean], rc.sum_wI[clean], 1e-10, f"{cid} sum_wI")
-                close_rel(g["sum_w2var"][()][clean], rc.sum_w2var[clean], 1e-10, f"{cid} w2var")
+                close_rel(plane(g["sum_w"]), rc.sum_w, 1e-10, f"{cid} sum_w")
+                close_rel(plane(g["sum_w_interp"]), rc.sum_w_interp, 1e-10, f"{cid} interp")
+                close_rel(plane(g["sum_wI"])[clean], rc.sum_wI[clean], 1e-10, f"{cid} sum_wI")
+                close_rel(plane(g["sum_w2var"])[clean], rc.sum_w2var[clean], 1e-10, f"{cid} w2var")
                 close_rel(g["noise"][0][clean], rc.noise_sums[0][clean], 1e-10, f"{cid} noise")
                 close_rel(g["psf_sum"][()], rc.psf_sum, 1e-10, f"{cid} psf_sum")
                 close_rel(float(g.attrs["psf_w"]), rc.psf_w, 1e-10, f"{cid} psf_w")
                 # the documented finalize formulas on raw datasets
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    image = g["sum_wI"][()] / g["sum_w"][()]
+                    image = plane(g["sum_wI"]) / plane(g["sum_w"])
                 close_rel(image[clean], rc.image[clean], 1e-6, f"{cid} image")
                 close_rel(g["psf_sum"][()] / g.attrs["psf_w"], rc.psf, 1e-6, f"{cid} psf")
-                mor = g["mask_or"][()].astype(np.int64)
+                mor = plane(g["mask_or"]).astype(np.int64)
                 assert np.array_equal(mor[rc.sum_w > 0], rc.mask_or[rc.sum_w > 0])
                 if "planes" in g and "SAT" in g["planes"]:
-                    close_rel(g["planes"]["SAT"][()], rc.rejected_weight["SAT"], 1e-10, "SAT")
+                    close_rel(plane(g["planes"]["SAT"]), rc.rejected_weight["SAT"], 1e-10, "SAT")
                 else:
                     assert not rc.rejected_weight["SAT"].any()
                 if "bit_counts" in g:
                     rebuilt = np.zeros((H, W), np.int64)
                     for bit, cnt in g["bit_counts"].items():
-                        rebuilt |= (cnt[()] > 0).astype(np.int64) << int(bit)
+                        rebuilt |= (plane(cnt) > 0).astype(np.int64) << int(bit)
                     assert np.array_equal(rebuilt, mor), "mask_or != bits with count > 0"
                 con = g["contributors"][()]
                 assert sorted(zip(con["visit"].tolist(), con["detector"].tolist())) == rc.used
@@ -187,6 +210,7 @@ def test_every_cell_read_with_plain_h5py_matches_reference(built):
                 else:
                     assert other not in h
     assert seen == set(ref), "manifests must list exactly the populated cells"
+    assert set(encodings) == {"dense", "constant", "sparse"}, encodings
     assert any(rc.fallback for rc in ref.values()), "fixture should have a fallback cell"
     assert any(set(ref.candidates[k]) != set(rc.used) for k, rc in ref.items()), \
         "fixture should have a cell whose fallback inputs are unused"
@@ -258,8 +282,8 @@ def test_open_state_agrees_with_h5py(built):
                 f"c{cid.x}-{cid.y}.g{gen}.h5"
             with h5py.File(f, "r", locking=False) as h:
                 g = h[h.attrs["active_group"]]
-                assert np.array_equal(c.sums["sum_w"], g["sum_w"][()])
-                assert np.array_equal(c.sums["sum_wI"], g["sum_wI"][()])
+                assert np.array_equal(c.sums["sum_w"], plane(g["sum_w"]))
+                assert np.array_equal(c.sums["sum_wI"], plane(g["sum_wI"]))
             # the WCS of the cell maps outer-box pixel (0, 0) to tract pixel outer.x0, y0
             tw = TRACT.wcs()
             ra, dec = c.wcs.pixel_to_world_values(0, 0)

@@ -1,0 +1,99 @@
+"""Read, validate and prepare warps one ahead of the fold, on a second core.
+
+Reading a warp (file bytes, SHA-256, FITS parsing, validation) and preparing it (the
+clipped-mean weight, interpolation of bad pixels) does not touch the state, and most of it
+is numpy, hashlib and file I/O, which release the GIL. A :class:`WarpLoader` does that work
+in one background thread for the *next* file while the caller folds the current one; on a
+2-core machine this hides most of it (measured in ``docs/benchmarks.md``).
+
+At most ``depth`` warps are loaded ahead (each is a few hundred MB for a patch-sized warp),
+and every load runs in the same single thread, so loads never run concurrently with each
+other. Results, including rejections (:class:`~streamcoadd.errors.WarpRejected`), are
+handed back by :meth:`WarpLoader.take` exactly as a synchronous load would produce them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .config import FoldConfig
+from .errors import WarpRejected
+from .fold import PreparedWarp, prepare_warp
+from .skymap import SkyMap
+from .warp import _read_bytes, file_hash, read_warp
+
+
+@dataclass
+class LoadedWarp:
+    """One file read ahead: its content hash, and the prepared warp or why it was
+    rejected (exactly one of ``prepared`` and ``rejection`` is set)."""
+
+    path: str
+    content_hash: str
+    prepared: PreparedWarp | None = None
+    rejection: WarpRejected | None = None
+
+
+def load_warp(path: str, skymap: SkyMap, fold: FoldConfig) -> LoadedWarp:
+    """Read, hash, validate and prepare one warp file (synchronously).
+    Raises :class:`WarpRejected` only if the file cannot be read at all."""
+    data = _read_bytes(path)
+    h = file_hash(data)
+    try:
+        warp = read_warp(path, skymap, fold.bad_planes, fold.noise_realizations, data=data,
+                         content_hash=h)
+        del data  # the parsed arrays are copies; free the raw bytes before preparing
+        return LoadedWarp(path, h, prepared=prepare_warp(warp, fold))
+    except WarpRejected as e:
+        return LoadedWarp(path, h, rejection=e)
+
+
+class WarpLoader:
+    """Loads warps in a background thread, at most ``depth`` ahead of :meth:`take`."""
+
+    def __init__(self, skymap: SkyMap, fold: FoldConfig, depth: int = 1):
+        self.skymap = skymap
+        self.fold = fold
+        self.depth = max(0, depth)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="warp-loader") \
+            if self.depth else None
+        self._ahead: OrderedDict[str, Future] = OrderedDict()
+
+    def prefetch(self, path) -> None:
+        """Start loading ``path`` in the background if fewer than ``depth`` loads are
+        waiting to be taken (otherwise do nothing: :meth:`take` will load it)."""
+        path = str(path)
+        if self._pool is None or path in self._ahead or len(self._ahead) >= self.depth:
+            return
+        self._ahead[path] = self._pool.submit(load_warp, path, self.skymap, self.fold)
+
+    def take(self, path) -> LoadedWarp:
+        """The loaded warp for ``path``: the prefetched result, or a load now."""
+        path = str(path)
+        fut = self._ahead.pop(path, None)
+        if fut is None:
+            if self._pool is None:
+                return load_warp(path, self.skymap, self.fold)
+            # through the loader thread, so that two loads never run at once
+            fut = self._pool.submit(load_warp, path, self.skymap, self.fold)
+        return fut.result()
+
+    def discard(self) -> None:
+        """Forget loads that will not be taken (waits for the one running)."""
+        for fut in self._ahead.values():
+            fut.cancel()
+        for fut in self._ahead.values():
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001  (the result is unwanted anyway)
+                    pass
+        self._ahead.clear()
+
+    def close(self) -> None:
+        self.discard()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
