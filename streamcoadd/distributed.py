@@ -130,7 +130,8 @@ def _prepared_warp(path: str, h: str, store, cache_bytes: int):
     if file_hash(data) != h:
         raise _Changed()
     fold = store.fold
-    warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations, data=data)
+    warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations, data=data,
+                     content_hash=h)
     del data
     prepared = prepare_warp(warp, fold)
     arrays = [prepared.image, prepared.variance, prepared.valid, prepared.bad,

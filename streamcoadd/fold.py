@@ -94,35 +94,48 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
     return weight
 
 
-def prepare_warp(warp: Warp, config: FoldConfig) -> PreparedWarp:
+def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False) -> PreparedWarp:
+    """Weight, interpolation and mask planes of a warp, ready to fold into any cell.
+    ``consume=True`` reuses the warp's own image, variance, noise and mask arrays for the
+    prepared planes (they are overwritten: saves ~140 MB per patch-sized warp)."""
     weight = warp_weight(warp, config)
     valid = (warp.mask & NO_DATA) == 0
     bad = valid & ((warp.mask & bitmask(config.bad_planes)) != 0)
     planes = [warp.image, warp.variance, *warp.noise]
-    filled = interpolate_bad_pixels(planes, valid, bad)
+    filled = interpolate_bad_pixels(planes, valid, bad, inplace=consume)
     keep = ~(bitmask(config.bad_planes) | bitmask(config.drop_planes) | NO_DATA)
-    or_mask = np.where(valid, warp.mask & np.int32(keep), np.int32(0))
     propagated = {}
     for name in config.propagate_thresholds:
         plane = valid & ((warp.mask & (1 << CANONICAL_PLANES[name])) != 0)
         if plane.any():
             propagated[name] = plane
+    if consume and warp.mask.flags.writeable:
+        or_mask = warp.mask
+        or_mask &= np.int32(keep)
+        np.copyto(or_mask, 0, where=~valid)
+    else:
+        or_mask = np.where(valid, warp.mask & np.int32(keep), np.int32(0))
     return PreparedWarp(warp=warp, weight=weight, image=filled[0], variance=filled[1],
                         noise=filled[2:], valid=valid, bad=bad, or_mask=or_mask,
                         planes=propagated)
 
 
 def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
-                           bad: np.ndarray) -> list[np.ndarray]:
+                           bad: np.ndarray, inplace: bool = False) -> list[np.ndarray]:
     """Fill ``bad`` pixels of each plane from good neighbours; zero pixels outside ``valid``.
 
     Method: linear interpolation along the row between the nearest good pixels to the left
     and right (a run touching an edge or NO_DATA on one side takes the value of its one
     good neighbour). Pixels in rows with no good pixel at all take the value of the
-    nearest good pixel in 2-D (Euclidean distance transform). Returns float32 copies;
-    inputs are not modified.
+    nearest good pixel in 2-D (Euclidean distance transform). Returns float32 copies
+    (inputs untouched), or with ``inplace`` the float32, writeable input planes, filled.
     """
-    out = [np.where(valid, p, np.float32(0)).astype(np.float32, copy=False) for p in planes]
+    if inplace and all(p.dtype == np.float32 and p.flags.writeable for p in planes):
+        out = planes
+        for p in out:
+            np.copyto(p, 0, where=~valid)
+    else:
+        out = [np.where(valid, p, np.float32(0)).astype(np.float32, copy=False) for p in planes]
     if not bad.any():
         return out
     good = valid & ~bad
@@ -378,18 +391,16 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
             sums.w_partial = sums.plane_zeros(np.float64)
         sums.w_partial[cs] += wv
     tmp = np.empty(part.shape, np.float64)
-    np.multiply(pw.image[ws], wv, out=tmp)
-    sums.sum_wI[cs] += tmp
-    np.multiply(pw.variance[ws], wv * w, out=tmp)
-    sums.sum_w2var[cs] += tmp
+    _add_product(sums.sum_wI[cs], pw.image[ws], wv, tmp)
+    _add_product(sums.sum_w2var[cs], pw.variance[ws], wv * w, tmp)
     for k, noise in enumerate(pw.noise):
-        np.multiply(noise[ws], wv, out=tmp)
-        sums.noise[k][cs] += tmp
+        _add_product(sums.noise[k][cs], noise[ws], wv, tmp)
     bad = pw.bad[ws]
     if bad.any():
         if sums.interp is None:
             sums.interp = sums.plane_zeros(np.float64)
-        sums.interp[cs] += bad * ws_
+        view = sums.interp[cs]
+        np.add(view, ws_, out=view, where=bad)  # (bad pixels are few: no product array)
     for name, plane in pw.planes.items():
         p = plane[ws]
         if p.any():
@@ -407,13 +418,26 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
             cnt = sums.bit_counts.get(bit)
             if cnt is None:
                 cnt = sums.bit_counts[bit] = sums.plane_zeros(np.int32)
-            cnt[cs] += sign * ((or_mask >> bit) & 1)
+            has_bit = (or_mask >> bit) & 1
+            if sign > 0:
+                cnt[cs] += has_bit
+            else:
+                cnt[cs] -= has_bit
     if sign > 0:
         if sums.mask_bits is None:
             sums.mask_bits = sums.plane_zeros(np.int32)
         sums.mask_bits[cs] |= or_mask
     else:
         sums.mask_bits = mask_from_bit_counts(sums)
+
+
+def _add_product(acc: np.ndarray, plane: np.ndarray, factor, tmp: np.ndarray) -> None:
+    """``acc += plane * factor`` in float64 (``tmp``: scratch of acc's shape). Casting the
+    float32 plane into ``tmp`` first, then scaling in place, is ~1.4x faster than a mixed-
+    type multiply; a per-pixel ``factor`` array is multiplied in as well."""
+    tmp[...] = plane
+    tmp *= factor
+    acc += tmp
 
 
 def mask_from_bit_counts(sums: CellSums) -> np.ndarray | None:

@@ -45,7 +45,7 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig) -> LoadedWarp:
         warp = read_warp(path, skymap, fold.bad_planes, fold.noise_realizations, data=data,
                          content_hash=h)
         del data  # the parsed arrays are copies; free the raw bytes before preparing
-        return LoadedWarp(path, h, prepared=prepare_warp(warp, fold))
+        return LoadedWarp(path, h, prepared=prepare_warp(warp, fold, consume=True))
     except WarpRejected as e:
         return LoadedWarp(path, h, rejection=e)
 
