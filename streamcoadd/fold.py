@@ -82,9 +82,10 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
     # float64, as astropy's sigma_clipped_stats: clipping the float32 values is faster
     # but can keep a different pixel at the 3-sigma edge (seen: one warp in 32).
     # A new SigmaClip per call: it keeps per-call state on the instance (not thread-safe).
-    # sigma 3, 2 iterations, median centre and std width (astropy's defaults; np.median
-    # is exact here, there are no NaNs, and 2-4x faster than bottleneck's nanmedian).
-    clip = SigmaClip(sigma=3.0, maxiters=2, cenfunc=np.median, stdfunc="std")
+    # sigma 3, 2 iterations, median centre and std width (astropy's defaults; the median
+    # is exact here, there are no NaNs, and partitioning our own copy in place is 2-4x
+    # faster than bottleneck's nanmedian).
+    clip = SigmaClip(sigma=3.0, maxiters=2, cenfunc=_median_in_place, stdfunc="std")
     kept = clip(var.astype(np.float64), masked=False, copy=False)
     weight = 1.0 / float(np.mean(kept, dtype=np.float64))
     if not WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]:  # also catches inf, nan, <= 0
@@ -92,6 +93,11 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
                                       f"{WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g}; check the "
                                       "VARIANCE plane (units nJy^2)")
     return weight
+
+
+def _median_in_place(data: np.ndarray, axis=None) -> np.ndarray:
+    """np.median that may reorder ``data`` (a private float64 copy of the variances)."""
+    return np.median(data, axis=axis, overwrite_input=True)
 
 
 def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False) -> PreparedWarp:
