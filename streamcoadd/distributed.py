@@ -301,7 +301,7 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
             written = len(shard.dirty)
             try:
                 if shard.changed:
-                    store._commit_shard(shard)  # this shard only, under its lock, CAS
+                    store.commit_shard(shard)  # this shard only, under its lock, CAS
             except ShardConflict:
                 store.shards.pop((shard.patch, shard.band), None)
                 redo.append((key, warps))

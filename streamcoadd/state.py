@@ -358,9 +358,16 @@ class StateStore:
     cache_bytes: int = int(2e9)
     commit_processes: int = 1
 
+    def commit_shard(self, shard: Shard) -> None:
+        """Commit one shard alone (cells, then manifest); in shard-locking mode (distributed
+        workers) under the shard's lock, compare-and-swap on the manifest's commit number
+        (:class:`ShardConflict` if another writer committed it meanwhile)."""
+        try:
+            self._commit_shard(shard)
+        except OSError as e:
+            raise StateWriteError(write_error_message(str(shard.directory), e), e.errno) from e
+
     def _commit_shard(self, shard: Shard) -> None:
-        """Commit one shard alone (cells, then manifest); in shard-locking mode under the
-        shard's lock, compare-and-swap on the manifest's commit number."""
         makedirs_durable(shard.directory)  # (the shard lock file lives in it)
         if not self.shard_locking:
             return self._write_shard(shard)
