@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -277,20 +276,23 @@ def _visit_rows(contrib_visits) -> list[tuple]:
 
 @dataclass
 class _PatchJob:
-    """Everything a worker needs to finalize cell ``i`` of a patch (inherited by fork)."""
+    """Everything a worker needs to finalize a patch (inherited through fork)."""
 
     store: object  # StateStore, read-only
     band: str
     tract: Tract
     config: FoldConfig
     patch: PatchId
-    cells: list[CellId]
+    cells: list[CellId]  # sorted: row i of the CELLS table is cells[i]
     paths: list[Path]
+    tasks: list[list[int]]  # cell indices of one row of cells (same y), by x
+    task_y: list[int]  # the cell row (y) of each task
     cells_fd: int
     data_start: int
     row_dtype: np.dtype
     patch_box: Box
-    stitched: dict | None  # name -> array view of the stitched file's data (or None)
+    stitched_fd: int | None  # None: no stitched file
+    plane_offsets: dict  # stitched plane name -> file offset of its data
 
     def read(self, i: int):
         """The accumulator of cell ``i`` (None if it has no input any more)."""
@@ -307,60 +309,85 @@ class _PatchJob:
 
 
 _JOB: _PatchJob | None = None
-_ROW: np.ndarray | None = None
+_BUFFERS: dict = {}  # per process: reused row record and stitched strips
 
 
-def _finalize_one(i: int):
-    """Finalize cell ``i`` of ``_JOB``: write its ``CELLS`` row and stitched region;
-    returns ``(i, contributor rows, visit keys)`` or ``(i, None, None)`` if empty."""
-    global _ROW
+def _buffer(key, shape, dtype) -> np.ndarray:
+    b = _BUFFERS.get(key)
+    if b is None or b.shape != shape or b.dtype != dtype:
+        b = _BUFFERS[key] = np.zeros(shape, dtype)
+    return b
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def _finalize_strip(t: int) -> list[tuple]:
+    """Finalize the cells of task ``t`` of ``_JOB`` (one row of cells): write each cell's
+    ``CELLS`` row, and the row's strip of each stitched plane. Returns per cell
+    ``(i, contributor rows, visits)``, with ``None`` rows for a cell found empty."""
     job = _JOB
-    acc = job.read(i)
-    sums = acc.active() if acc is not None else None
-    if sums is None:
-        return i, None, None
-    p = coadd_planes(sums, job.config)
-    cell = job.cells[i]
-    if _ROW is None or _ROW.dtype != job.row_dtype:
-        _ROW = np.zeros(1, job.row_dtype)
-    row = _ROW[0]
-    row["cell_id"] = (cell.x, cell.y)
-    for name in ("image", "mask", "variance", "psf", "maskfrac"):
-        row[name] = p[name]
-    for k in range(job.config.noise_realizations):
-        row[f"noise_{k:02d}"] = p["noise"][k]
+    tract, box = job.tract, job.patch_box
+    idx = job.tasks[t]
+    strips = None
+    if job.stitched_fd is not None:
+        strip = _stitch_region(tract, CellId(job.patch, 0, job.task_y[t]))
+        strips = {name: _buffer(name, (strip.height, box.width), dtype)
+                  for name, dtype, _ in STITCH_PLANES}
+        for name, _, fill in STITCH_PLANES:
+            strips[name][...] = fill
+    row = _buffer("row", (1,), job.row_dtype)
     size = job.row_dtype.itemsize
-    mv = memoryview(_ROW.view(np.uint8))
-    off, done = job.data_start + i * size, 0
-    while done < size:
-        done += os.pwrite(job.cells_fd, mv[done:], off + done)
-    if job.stitched is not None:
-        src, dst = _stitch_slices(job.tract, cell, job.patch_box)
-        for name, plane in (("IMAGE", "image"), ("MASK", "mask"), ("VARIANCE", "variance"),
-                            ("MASKFRAC", "maskfrac")):
-            job.stitched[name][dst] = p[plane][src]
-    rows = [(cell.x, cell.y, c.visit, c.detector, True, c.overlap_fraction,
-             c.good_fraction, c.weight, c.psf_ixx, c.psf_iyy, c.psf_ixy, c.psf_flag,
-             c.fallback) for c in sums.contributors]
-    visits = [(int(c.visit), str(c.instrument), str(c.physical_filter), float(c.mjd))
-              for c in sums.contributors]
-    return i, rows, visits
+    out = []
+    for i in idx:
+        cell = job.cells[i]
+        acc = job.read(i)
+        sums = acc.active() if acc is not None else None
+        if sums is None:
+            out.append((i, None, None))
+            continue
+        p = coadd_planes(sums, job.config)
+        r = row[0]
+        r["cell_id"] = (cell.x, cell.y)
+        for name in ("image", "mask", "variance", "psf", "maskfrac"):
+            r[name] = p[name]
+        for k in range(job.config.noise_realizations):
+            r[f"noise_{k:02d}"] = p["noise"][k]
+        _pwrite_all(job.cells_fd, row.view(np.uint8), job.data_start + i * size)
+        if strips is not None:
+            region = _stitch_region(tract, cell)
+            outer = tract.cell_outer_box(cell)
+            src = region.slices((outer.x0, outer.y0))
+            dst = region.slices((box.x0, strip.y0))
+            for name, plane in (("IMAGE", "image"), ("MASK", "mask"),
+                                ("VARIANCE", "variance"), ("MASKFRAC", "maskfrac")):
+                strips[name][dst] = p[plane][src]
+        out.append((i, [(cell.x, cell.y, c.visit, c.detector, True, c.overlap_fraction,
+                         c.good_fraction, c.weight, c.psf_ixx, c.psf_iyy, c.psf_ixy,
+                         c.psf_flag, c.fallback) for c in sums.contributors],
+                    [(int(c.visit), str(c.instrument), str(c.physical_filter), float(c.mjd))
+                     for c in sums.contributors]))
+    if strips is not None:
+        for name, _, _ in STITCH_PLANES:
+            a = strips[name]
+            _pwrite_all(job.stitched_fd, a,
+                        job.plane_offsets[name] + (strip.y0 - box.y0) * a.strides[0])
+    return out
 
 
 def _stitch_region(tract: Tract, cell: CellId) -> Box:
     """The part of a cell that goes into the stitched patch: its inner box, grown to the
-    outer box on the sides where the cell is on the patch edge."""
+    outer box on the sides where the cell is on the patch edge (these regions tile the
+    patch outer box)."""
     n = tract.cells.cells_per_patch
     inner, outer = tract.cell_inner_box(cell), tract.cell_outer_box(cell)
     return Box(outer.x0 if cell.x == 0 else inner.x0, outer.y0 if cell.y == 0 else inner.y0,
                outer.x1 if cell.x == n - 1 else inner.x1,
                outer.y1 if cell.y == n - 1 else inner.y1)
-
-
-def _stitch_slices(tract: Tract, cell: CellId, patch_box: Box):
-    region = _stitch_region(tract, cell)
-    outer = tract.cell_outer_box(cell)
-    return region.slices((outer.x0, outer.y0)), region.slices((patch_box.x0, patch_box.y0))
 
 
 STITCH_PLANES = (("IMAGE", ">f4", np.nan), ("MASK", ">i4", BIT["NO_DATA"]),
@@ -391,11 +418,11 @@ def _stitched_headers(patch: PatchId, band: str, tract: Tract, ncells: int,
     return headers
 
 
-def _prefetch(paths: list[Path], progress: list, stop: threading.Event) -> None:
-    """Ask the kernel to read the cell files ahead (``WILLNEED``: asynchronous), at most
-    ``PREFETCH_CELLS`` beyond the cells finished so far."""
+def _prefetch(paths: list[Path], progress: list, window: int, stop: threading.Event) -> None:
+    """Ask the kernel to read the cell files ahead (``WILLNEED`` is asynchronous), at
+    most ``window`` files beyond the cells finished so far."""
     for i, path in enumerate(paths):
-        while i >= progress[0] + PREFETCH_CELLS:
+        while i >= progress[0] + window:
             if stop.wait(0.005):
                 return
         if stop.is_set():
@@ -420,23 +447,37 @@ def default_workers() -> int:
     return max(1, min(n, 4))
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: list[CellId],
                    out_stem, stitched: bool = True, workers: int | None = None) -> int:
-    """Finalize ``cells`` (sorted, populated cells of one patch and band) into
+    """Finalize ``cells`` (populated cells of one patch and band) into
     ``{out_stem}_cells.fits`` and, if ``stitched``, ``{out_stem}_stitched.fits``
-    (layouts: ``docs/file-formats.md``). Returns the number of cells written (0: no file
-    written). Cells whose input disappeared meanwhile (retraction) are left out."""
+    (layouts: ``docs/file-formats.md``), streaming, with ``workers`` processes (default:
+    the cores, at most 4). Returns the number of cells written (0: no file written).
+    A cell whose input disappeared meanwhile (retraction) is left out."""
     global _JOB
     tract = store.skymap.tract(patch.tract)
     config = store.fold
+    cells = sorted(cells)
     manifest = store.read_manifest(patch, band) or {"cells": {}}
     d = store.shard_dir(patch, band)
-    paths = []
-    for c in cells:
-        gen = manifest["cells"].get(f"{c.x}-{c.y}")
-        # a cell the manifest no longer names: read_cell_file fails, then read_cell decides
-        paths.append(d / store.cell_filename(c, gen if gen is not None else 0))
+    # a cell the manifest no longer names gets a path that does not exist: reading it
+    # fails with FileNotFoundError and read_cell then decides (it re-reads the manifest)
+    paths = [d / store.cell_filename(c, manifest["cells"].get(f"{c.x}-{c.y}", 0))
+             for c in cells]
     k = len(cells)
+    n_side = tract.cells.cells_per_patch
+    by_row: dict[int, list[int]] = {}
+    for i, c in enumerate(cells):
+        by_row.setdefault(c.y, []).append(i)
+    rows_y = list(range(n_side)) if stitched else sorted(by_row)
+    tasks = [sorted(by_row.get(y, []), key=lambda i: cells[i].x) for y in rows_y]
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, k // 8))  # forking is not worth it for a few cells
     row_dtype = cells_row_dtype(tract.cells.outer, config)
@@ -445,58 +486,57 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
     cells_path, stitched_path = Path(f"{out_stem}_cells.fits"), Path(f"{out_stem}_stitched.fits")
     cells_tmp = cells_path.with_name(cells_path.name + ".part")
     stitched_tmp = stitched_path.with_name(stitched_path.name + ".part")
-    cells_hdus = [fits.PrimaryHDU(header=_primary_header(tract, patch, band, skymap_name, config)),
-                  _cells_hdu_header(tract, config)]
-    cells_headers = _hdul_headers(cells_hdus)
+    cells_headers = _hdul_headers([
+        fits.PrimaryHDU(header=_primary_header(tract, patch, band, skymap_name, config)),
+        _cells_hdu_header(tract, config)])
     _set_card(cells_headers[1], "NAXIS2", k)
-    head = b"".join(_hbytes(h) for h in cells_headers)
-    data_start = len(head)
+    data_start = sum(len(_hbytes(h)) for h in cells_headers)
     box = tract.patch_outer_box(patch)
-    st_headers = _stitched_headers(patch, band, tract, k, box) if stitched else None
+    st_headers = _stitched_headers(patch, band, tract, k, box) if stitched else []
+    offsets, pos = {}, 0
+    for hh, (name, _, _) in zip(st_headers, (("", None, None), *STITCH_PLANES)):
+        pos += len(_hbytes(hh))
+        if name:
+            offsets[name] = pos
+            pos += _padded(box.width * box.height * 4)
+    st_size = pos
 
     fd = os.open(cells_tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    sfd = mm = None
-    planes = None
+    sfd = None
     stop = threading.Event()
     pool = thread = None
+    n = 0
     ok = False
     try:
-        os.ftruncate(fd, data_start + k * size)
         if stitched:
             sfd = os.open(stitched_tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            npx = box.width * box.height
-            offsets, pos = [], len(_hbytes(st_headers[0]))
-            for hh in st_headers[1:]:
-                pos += len(_hbytes(hh))
-                offsets.append(pos)
-                pos += _padded(npx * 4)
-            os.ftruncate(sfd, pos)
-            mm = mmap.mmap(sfd, pos, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            planes = {name: np.ndarray(box.shape, dtype, buffer=mm, offset=off)
-                      for (name, dtype, _), off in zip(STITCH_PLANES, offsets)}
         _JOB = _PatchJob(store=store, band=band, tract=tract, config=config, patch=patch,
-                         cells=cells, paths=paths, cells_fd=fd, data_start=data_start,
-                         row_dtype=row_dtype, patch_box=box, stitched=planes)
-        progress = [0]
+                         cells=cells, paths=paths, tasks=tasks, task_y=rows_y, cells_fd=fd,
+                         data_start=data_start, row_dtype=row_dtype, patch_box=box,
+                         stitched_fd=sfd, plane_offsets=offsets)
         if workers > 1:
             import multiprocessing
 
             pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap(_finalize_one, range(k), chunksize=2)
+            results = pool.imap(_finalize_strip, range(len(tasks)))
         else:
-            results = map(_finalize_one, range(k))
+            results = map(_finalize_strip, range(len(tasks)))
+        progress = [0]
         if k > 1:
-            thread = threading.Thread(target=_prefetch, args=(paths, progress, stop),
+            order = [paths[i] for t in tasks for i in t]
+            window = max(PREFETCH_CELLS, (workers + 2) * n_side)
+            thread = threading.Thread(target=_prefetch, args=(order, progress, window, stop),
                                       name="finalize-prefetch", daemon=True)
             thread.start()
         got = []
         for r in results:
-            got.append(r)
-            progress[0] += 1
+            got += r
+            progress[0] += len(r)
         if pool is not None:
             pool.close()
             pool.join()
             pool = None
+        got.sort(key=lambda r: r[0])
         present = [i for i, rows, _ in got if rows is not None]
         n = len(present)
         if n == 0:
@@ -504,30 +544,22 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
         if n < k:  # cells emptied meanwhile: close the gaps
             for new, old in enumerate(present):
                 if new != old:
-                    os.pwrite(fd, os.pread(fd, size, data_start + old * size),
-                              data_start + new * size)
+                    _pwrite_all(fd, os.pread(fd, size, data_start + old * size),
+                                data_start + new * size)
             _set_card(cells_headers[1], "NAXIS2", n)
-            head = b"".join(_hbytes(h) for h in cells_headers)
         end = data_start + n * size
-        os.ftruncate(fd, end)
-        contrib = [row for _, rows, _ in got if rows for row in rows]
-        visits = _visit_rows(v for _, _, vs in got if vs for v in vs)
-        tail = _tables_bytes(contrib, visits)
-        os.pwrite(fd, head, 0)
-        os.pwrite(fd, b"\0" * (_padded(end) - end) + tail, end)
+        tail = _tables_bytes([row for _, rows, _ in got if rows for row in rows],
+                             _visit_rows(v for _, _, vs in got if vs for v in vs))
+        _pwrite_all(fd, b"".join(_hbytes(h) for h in cells_headers), 0)
+        _pwrite_all(fd, b"\0" * (_padded(end) - end) + tail, end)
+        os.ftruncate(fd, _padded(end) + len(tail))
         if stitched:
-            filled = {cells[i] for i in present}
-            for cell in tract.cells_of(patch):  # cells without input: NaN, NO_DATA, inf, 0
-                if cell not in filled:
-                    _, dst = _stitch_slices(tract, cell, box)
-                    for name, _, fill in STITCH_PLANES:
-                        planes[name][dst] = fill
             _set_card(st_headers[0], "NCELLS", n)
-            pos = 0
-            for hh, (name, _, _) in zip(st_headers, (("", None, None), *STITCH_PLANES)):
+            _pwrite_all(sfd, _hbytes(st_headers[0]), 0)
+            for hh, (name, _, _) in zip(st_headers[1:], STITCH_PLANES):
                 b = _hbytes(hh)
-                os.pwrite(sfd, b, pos)
-                pos += len(b) + (_padded(npx * 4) if name else 0)
+                _pwrite_all(sfd, b, offsets[name] - len(b))
+            os.ftruncate(sfd, st_size)  # the zero padding of the last plane
         ok = True
     finally:
         stop.set()
@@ -537,9 +569,6 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
         if thread is not None:
             thread.join()
         _JOB = None
-        planes = None
-        if mm is not None:
-            mm.close()
         os.close(fd)
         if sfd is not None:
             os.close(sfd)
@@ -548,9 +577,6 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
             if stitched:
                 os.replace(stitched_tmp, stitched_path)
         else:
-            for t in (cells_tmp, stitched_tmp):
-                try:
-                    t.unlink()
-                except FileNotFoundError:
-                    pass
+            _remove(cells_tmp)
+            _remove(stitched_tmp)
     return n
