@@ -227,9 +227,9 @@ def _cells_hdu_header(tract: Tract, config: FoldConfig) -> fits.BinTableHDU:
 
 
 def _hdul_headers(hdus: list) -> list[fits.Header]:
-    """The headers of ``hdus`` as astropy writes them in one file (writing updates them
-    in place: ``EXTEND``, ``NAXISn`` ...); the data written here are placeholders."""
-    fits.HDUList(hdus).writeto(io.BytesIO())
+    """The headers of ``hdus`` as astropy writes them in one file (``EXTEND`` set in the
+    primary; the data given here are placeholders)."""
+    fits.HDUList(hdus).update_extend()
     return [h.header for h in hdus]
 
 
