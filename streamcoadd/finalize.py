@@ -91,28 +91,56 @@ def contributors_table(acc_group) -> Table:
     return t
 
 
-def coadd_planes(sums, config: FoldConfig) -> dict:
-    """The finalize formulas (module docstring) on one group's sums: float64 ``image``,
-    ``variance``, ``maskfrac``, ``noise`` (K, H, W), ``psf``; int32 ``mask``."""
+def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
+    """The finalize formulas (module docstring) on one group's sums.
+
+    Returns ``image``, ``variance``, ``maskfrac`` (float64 unless ``out`` says otherwise),
+    ``noise`` (K planes), ``psf`` (float64) and ``mask`` (int32). ``out`` may give the
+    arrays to write ``image``, ``variance``, ``maskfrac`` and ``psf`` into and a sequence
+    of K arrays for ``noise`` (e.g. the big-endian float32 fields of a FITS row): values
+    are computed in float64 and rounded once on assignment, as a float64 result cast."""
+    sum_w = sums.sum_w
+    shape = sum_w.shape
+    if out is None:
+        out = {"image": np.empty(shape), "variance": np.empty(shape),
+               "noise": np.empty(sums.noise.shape), "psf": None, "maskfrac": None}
+    has = sum_w > 0
+    nohas = None if has.all() else ~has
     with np.errstate(divide="ignore", invalid="ignore"):
-        sum_w = sums.sum_w
-        has = sum_w > 0
-        image = np.where(has, sums.sum_wI / sum_w, np.nan)
-        variance = np.where(has, sums.sum_w2var / sum_w**2, np.inf)
-        maskfrac = np.where(has, sums.sum_w_interp / sum_w, 0.0)
-        noise = np.where(has, sums.noise / sum_w, np.nan)
+        image = np.divide(sums.sum_wI, sum_w, out=out["image"])
+        variance = np.divide(sums.sum_w2var, np.square(sum_w), out=out["variance"])
+        maskfrac = np.divide(sums.sum_w_interp, sum_w)  # float64: the mask rules use it
+        noise = out["noise"]
+        for k in range(len(sums.noise)):
+            np.divide(sums.noise[k], sum_w, out=noise[k])
+        if nohas is not None:
+            image[nohas] = np.nan
+            variance[nohas] = np.inf
+            maskfrac[nohas] = 0.0
+            for k in range(len(sums.noise)):
+                noise[k][nohas] = np.nan
         mask = np.array(sums.mask_or, np.int32)  # a copy: the sums stay untouched
         for name, threshold in config.propagate_thresholds.items():
             plane = sums.planes.get(name)
             if plane is not None:
-                frac = np.where(has, plane / sum_w, 0.0)
-                np.bitwise_or(mask, BIT[name], out=mask, where=frac > threshold)
+                over = np.divide(plane, sum_w) > threshold
+                if nohas is not None:
+                    over[nohas] = 0.0 > threshold
+                np.bitwise_or(mask, BIT[name], out=mask, where=over)
     np.bitwise_or(mask, BIT["INTRP"], out=mask, where=maskfrac > 0)
     np.bitwise_or(mask, BIT["INEXACT_PSF"], out=mask,
                   where=maskfrac > config.inexact_psf_threshold)
-    np.bitwise_or(mask, BIT["NO_DATA"], out=mask, where=~has)
-    return {"image": image, "variance": variance, "mask": mask,
-            "psf": sums.psf_sum / sums.psf_w, "maskfrac": maskfrac, "noise": noise}
+    if nohas is not None:
+        np.bitwise_or(mask, BIT["NO_DATA"], out=mask, where=nohas)
+    psf = sums.psf_sum / sums.psf_w
+    if out["psf"] is not None:
+        out["psf"][...] = psf
+        psf = out["psf"]
+    if out["maskfrac"] is not None:
+        out["maskfrac"][...] = maskfrac
+        maskfrac = out["maskfrac"]
+    return {"image": image, "variance": variance, "mask": mask, "psf": psf,
+            "maskfrac": maskfrac, "noise": noise}
 
 
 def coadd_cell(acc: CellAccumulator, band: str, tract: Tract, config: FoldConfig) -> CellCoadd | None:
@@ -342,6 +370,7 @@ def _finalize_strip(t: int) -> list[tuple]:
             strips[name][...] = fill
     row = _buffer("row", (1,), job.row_dtype)
     size = job.row_dtype.itemsize
+    n_noise = job.config.noise_realizations
     out = []
     for i in idx:
         cell = job.cells[i]
@@ -350,13 +379,12 @@ def _finalize_strip(t: int) -> list[tuple]:
         if sums is None:
             out.append((i, None, None))
             continue
-        p = coadd_planes(sums, job.config)
-        r = row[0]
-        r["cell_id"] = (cell.x, cell.y)
-        for name in ("image", "mask", "variance", "psf", "maskfrac"):
-            r[name] = p[name]
-        for k in range(job.config.noise_realizations):
-            r[f"noise_{k:02d}"] = p["noise"][k]
+        f = {name: row[name][0] for name in row.dtype.names}  # views into the record
+        f["cell_id"][...] = (cell.x, cell.y)
+        p = coadd_planes(sums, job.config, out={
+            "image": f["image"], "variance": f["variance"], "psf": f["psf"],
+            "maskfrac": f["maskfrac"], "noise": [f[f"noise_{k:02d}"] for k in range(n_noise)]})
+        f["mask"][...] = p["mask"]
         _pwrite_all(job.cells_fd, row.view(np.uint8), job.data_start + i * size)
         if strips is not None:
             region = _stitch_region(tract, cell)
