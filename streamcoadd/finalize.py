@@ -202,6 +202,7 @@ CELL_TABLE_COLUMNS = ["cell_x", "cell_y", "visit", "detector", "overlaps_center"
                       "fallback"]
 CELL_TABLE_DTYPES = [np.int64, np.int64, np.int64, np.int64, bool, np.float64, np.float64,
                      np.float64, np.float64, np.float64, np.float64, bool, bool]
+CELL_TABLE_DTYPE = np.dtype(list(zip(CELL_TABLE_COLUMNS, CELL_TABLE_DTYPES)))
 
 
 def _padded(n: int) -> int:
@@ -269,12 +270,11 @@ def _hbytes(header: fits.Header) -> bytes:
     return header.tostring().encode("ascii")
 
 
-def _tables_bytes(contrib: list[tuple], visits: list[tuple]) -> bytes:
-    """``CELL``, ``VISIT`` and ``MASKDEF`` HDUs, as bytes to append to the cells file."""
-    if contrib:
-        cols = list(zip(*contrib))
-        cell_table = Table({n: np.array(c, dt) for n, c, dt in
-                            zip(CELL_TABLE_COLUMNS, cols, CELL_TABLE_DTYPES)})
+def _tables_bytes(contrib: np.ndarray, visits: list[tuple]) -> bytes:
+    """``CELL`` (``contrib``: records of ``CELL_TABLE_DTYPE``), ``VISIT`` and ``MASKDEF``
+    HDUs, as bytes to append to the cells file."""
+    if len(contrib):
+        cell_table = Table(contrib)
     else:
         cell_table = Table(names=["cell_x", "cell_y", "visit", "detector"],
                            dtype=[int, int, int, int])
@@ -394,9 +394,10 @@ def _finalize_strip(t: int) -> list[tuple]:
             for name, plane in (("IMAGE", "image"), ("MASK", "mask"),
                                 ("VARIANCE", "variance"), ("MASKFRAC", "maskfrac")):
                 strips[name][dst] = p[plane][src]
-        out.append((i, [(cell.x, cell.y, c.visit, c.detector, True, c.overlap_fraction,
-                         c.good_fraction, c.weight, c.psf_ixx, c.psf_iyy, c.psf_ixy,
-                         c.psf_flag, c.fallback) for c in sums.contributors],
+        out.append((i, np.array([(cell.x, cell.y, c.visit, c.detector, True,
+                                  c.overlap_fraction, c.good_fraction, c.weight, c.psf_ixx,
+                                  c.psf_iyy, c.psf_ixy, c.psf_flag, c.fallback)
+                                 for c in sums.contributors], CELL_TABLE_DTYPE),
                     [(int(c.visit), str(c.instrument), str(c.physical_filter), float(c.mjd))
                      for c in sums.contributors]))
     if strips is not None:
@@ -576,8 +577,8 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
                                 data_start + new * size)
             _set_card(cells_headers[1], "NAXIS2", n)
         end = data_start + n * size
-        tail = _tables_bytes([row for _, rows, _ in got if rows for row in rows],
-                             _visit_rows(v for _, _, vs in got if vs for v in vs))
+        tail = _tables_bytes(np.concatenate([rows for _, rows, _ in got if rows is not None]),
+                             _visit_rows(v for _, _, vs in got if vs for v in set(vs)))
         _pwrite_all(fd, b"".join(_hbytes(h) for h in cells_headers), 0)
         _pwrite_all(fd, b"\0" * (_padded(end) - end) + tail, end)
         os.ftruncate(fd, _padded(end) + len(tail))
