@@ -186,13 +186,16 @@ def file_stem(patch: PatchId, band: str) -> str:
 # into its coadd, written straight into the output files and dropped, so memory stays
 # bounded (a few cells) whatever the patch size. The ``CELLS`` table of the cells file is
 # fixed-width, one row per cell, so row ``i`` lives at a known file offset and is written
-# with one ``pwrite`` of a big-endian record (no astropy, no byte swapping afterwards);
-# the stitched planes are written through a shared memory map of the stitched file. The
-# headers and the small tables (``CELL``, ``VISIT``, ``MASKDEF``) are made by astropy
-# exactly as before, so the files are the same bytes as the astropy writers produced.
-# Cells are spread over worker processes (``fork``: HDF5 reading holds the GIL), and the
-# patch's cell files are prefetched into the page cache (``POSIX_FADV_WILLNEED``) a
-# bounded window ahead of the workers, so a cold read overlaps the computation.
+# with one ``pwrite`` of a big-endian record (no astropy, no byte swapping afterwards).
+# Work is handed out by rows of cells (same cell y): a row of cells fills one horizontal
+# strip of each stitched plane, written with one ``pwrite`` per plane (a shared memory
+# map of the file was tried: its page faults cost more than the writes). The headers and
+# the small tables (``CELL``, ``VISIT``, ``MASKDEF``) are made by astropy exactly as
+# before, so the files are the same bytes as the astropy writers produced (tested against
+# the old implementation, tests/finalize_reference.py). Rows of cells are spread over
+# worker processes (``fork``: HDF5 reading holds the GIL), and the patch's cell files are
+# prefetched into the page cache (``POSIX_FADV_WILLNEED``, asynchronous) a bounded window
+# ahead of the workers, so a cold read overlaps the computation.
 
 FITS_BLOCK = 2880
 PREFETCH_CELLS = 64  # cell files prefetched ahead of the slowest finished cell
