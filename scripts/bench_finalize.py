@@ -10,13 +10,14 @@ them), so the cell file and manifest are really read from disk. Imports are not 
 CLI entry point in-process (imports excluded), also cold.
 
     python3 scripts/bench_finalize.py cell STATE X,Y CX,CY --json J
-    python3 scripts/bench_finalize.py patch STATE X,Y --out DIR --json J
+    python3 scripts/bench_finalize.py patch STATE X,Y --out DIR --json J [--workers N]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -83,9 +84,19 @@ def main():
                    warm_cell_s=t5 - t4, n_inputs=co.n_inputs, same=bool(co2.n_inputs == co.n_inputs))
     else:
         dest = args[args.index("--out") + 1]
+        extra = ["--workers", args[args.index("--workers") + 1]] if "--workers" in args else []
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        rc = cli.main(["finalize", state, "--out", dest, "--patch", f"{px},{py}"])
-        res.update(patch_s=time.perf_counter() - t0, rc=rc,
+        rc = cli.main(["finalize", state, "--out", dest, "--patch", f"{px},{py}", *extra])
+        t1 = time.perf_counter()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = lambda a, b: (b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime)  # noqa: E731
+        # CPU seconds of this process and of its worker processes (they are waited for),
+        # and the peak RSS of each (workers: the largest one)
+        res.update(patch_s=t1 - t0, rc=rc, cpu_main_s=cpu(r0, r1), cpu_workers_s=cpu(c0, c1),
+                   maxrss_main_mb=r1.ru_maxrss / 1024, maxrss_worker_mb=c1.ru_maxrss / 1024,
                    out_bytes=sum(f.stat().st_size for f in Path(dest).glob("*")))
     Path(out).write_text(json.dumps(res, indent=1))
 

@@ -149,7 +149,7 @@ def cmd_retract(args) -> int:
 
 # ---------------------------------------------------------------------- finalize
 def cmd_finalize(args) -> int:
-    from .finalize import file_stem, write_cells_fits, write_stitched_fits
+    from .finalize import file_stem, finalize_patch
     from .reader import open_state
 
     out = Path(args.out)
@@ -166,17 +166,15 @@ def cmd_finalize(args) -> int:
                 cells = st.populated_cells(band, patch)
                 if args.cell:
                     cells = [c for c in cells if (c.x, c.y) == tuple(args.cell)]
-                coadds = [c for c in (st.cell(cid, band) for cid in cells) if c is not None]
-                if not coadds:
+                if not cells:
                     continue
-                tract = st.skymap.tract(patch.tract)
                 stem = out / file_stem(patch, band)
-                write_cells_fits(f"{stem}_cells.fits", patch, band, tract, coadds,
-                                 st.skymap.name, st.fold)
-                if not args.cell:
-                    write_stitched_fits(f"{stem}_stitched.fits", patch, band, tract, coadds)
-                print(f"{patch} band {band}: {len(coadds)} cell(s) -> {stem.name}_*.fits")
-                written += len(coadds)
+                n = finalize_patch(st.store, st.skymap.name, patch, band, cells, stem,
+                                   stitched=not args.cell, workers=args.workers)
+                if not n:
+                    continue
+                print(f"{patch} band {band}: {n} cell(s) -> {stem.name}_*.fits")
+                written += n
     if not written:
         raise NoWorkFound("no populated cell matches the selection; nothing finalized "
                           "(ingest warps first, or check --tract/--patch/--cell/--band)")
@@ -352,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patch", type=_pair, help="X,Y")
     s.add_argument("--cell", type=_pair, help="X,Y (one cell; with --patch)")
     s.add_argument("--band")
+    s.add_argument("--workers", type=int,
+                   help="processes finalizing cells in parallel (default: cores, at most 4)")
     s.set_defaults(func=cmd_finalize)
 
     s = sub.add_parser("status", help="what is folded, per patch and band")

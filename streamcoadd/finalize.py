@@ -15,7 +15,12 @@ fraction exceeds its threshold; ``INTRP`` where any weight was interpolated;
 
 from __future__ import annotations
 
+import io
+import math
+import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
@@ -86,30 +91,69 @@ def contributors_table(acc_group) -> Table:
     return t
 
 
+def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
+    """The finalize formulas (module docstring) on one group's sums.
+
+    Returns ``image``, ``variance``, ``maskfrac`` (float64 unless ``out`` says otherwise),
+    ``noise`` (K planes), ``psf`` (float64) and ``mask`` (int32). ``out`` may give the
+    arrays to write ``image``, ``variance``, ``maskfrac`` and ``psf`` into and a sequence
+    of K arrays for ``noise`` (e.g. the big-endian float32 fields of a FITS row): values
+    are computed in float64 and rounded once on assignment, as a float64 result cast."""
+    sum_w = sums.sum_w
+    shape = sum_w.shape
+    if out is None:
+        out = {"image": np.empty(shape), "variance": np.empty(shape),
+               "noise": np.empty(sums.noise.shape), "psf": None, "maskfrac": None}
+    has = sum_w > 0
+    nohas = None if has.all() else ~has
+    with np.errstate(divide="ignore", invalid="ignore"):
+        image = np.divide(sums.sum_wI, sum_w, out=out["image"])
+        variance = np.divide(sums.sum_w2var, np.square(sum_w), out=out["variance"])
+        maskfrac = np.divide(sums.sum_w_interp, sum_w)  # float64: the mask rules use it
+        noise = out["noise"]
+        for k in range(len(sums.noise)):
+            np.divide(sums.noise[k], sum_w, out=noise[k])
+        if nohas is not None:
+            image[nohas] = np.nan
+            variance[nohas] = np.inf
+            maskfrac[nohas] = 0.0
+            for k in range(len(sums.noise)):
+                noise[k][nohas] = np.nan
+        mask = np.array(sums.mask_or, np.int32)  # a copy: the sums stay untouched
+        for name, threshold in config.propagate_thresholds.items():
+            plane = sums.planes.get(name)
+            if plane is not None:
+                over = np.divide(plane, sum_w) > threshold
+                if nohas is not None:
+                    over[nohas] = 0.0 > threshold
+                np.bitwise_or(mask, BIT[name], out=mask, where=over)
+    np.bitwise_or(mask, BIT["INTRP"], out=mask, where=maskfrac > 0)
+    np.bitwise_or(mask, BIT["INEXACT_PSF"], out=mask,
+                  where=maskfrac > config.inexact_psf_threshold)
+    if nohas is not None:
+        np.bitwise_or(mask, BIT["NO_DATA"], out=mask, where=nohas)
+    psf = sums.psf_sum / sums.psf_w
+    if out["psf"] is not None:
+        out["psf"][...] = psf
+        psf = out["psf"]
+    if out["maskfrac"] is not None:
+        out["maskfrac"][...] = maskfrac
+        maskfrac = out["maskfrac"]
+    return {"image": image, "variance": variance, "mask": mask, "psf": psf,
+            "maskfrac": maskfrac, "noise": noise}
+
+
 def coadd_cell(acc: CellAccumulator, band: str, tract: Tract, config: FoldConfig) -> CellCoadd | None:
     """Finalize one cell; None if it has no input."""
     sums = acc.active()
     if sums is None:
         return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        has = sums.sum_w > 0
-        image = np.where(has, sums.sum_wI / sums.sum_w, np.nan)
-        variance = np.where(has, sums.sum_w2var / sums.sum_w**2, np.inf)
-        maskfrac = np.where(has, sums.sum_w_interp / sums.sum_w, 0.0)
-        noise = np.where(has, sums.noise / sums.sum_w, np.nan)
-        mask = sums.mask_or.copy()
-        for name, threshold in config.propagate_thresholds.items():
-            if name in sums.planes:
-                frac = np.where(has, sums.planes[name] / sums.sum_w, 0.0)
-                mask[frac > threshold] |= BIT[name]
-    mask[maskfrac > 0] |= BIT["INTRP"]
-    mask[maskfrac > config.inexact_psf_threshold] |= BIT["INEXACT_PSF"]
-    mask[~has] |= BIT["NO_DATA"]
-    psf = sums.psf_sum / sums.psf_w
+    p = coadd_planes(sums, config)
     outer = acc.outer
     return CellCoadd(cell=acc.cell, band=band, outer_box=outer,
-                     inner_box=tract.cell_inner_box(acc.cell), image=image, variance=variance,
-                     mask=mask, psf=psf, maskfrac=maskfrac, noise=noise,
+                     inner_box=tract.cell_inner_box(acc.cell), image=p["image"],
+                     variance=p["variance"], mask=p["mask"], psf=p["psf"],
+                     maskfrac=p["maskfrac"], noise=p["noise"],
                      group=acc.active_group(), contributors=contributors_table(sums),
                      wcs=box_wcs(tract, outer), accumulator=acc)
 
@@ -136,12 +180,41 @@ def file_stem(patch: PatchId, band: str) -> str:
     return f"coadd_t{patch.tract}_p{patch.x}-{patch.y}_{band}"
 
 
-def write_cells_fits(path, patch: PatchId, band: str, tract: Tract, coadds: list[CellCoadd],
-                     skymap_name: str, config: FoldConfig) -> None:
-    """LSST ``cell_coadds`` layout: primary HDU with the tract WCS, one binary-table row
-    per populated cell, then ``CELL``, ``VISIT`` and ``MASKDEF`` tables."""
+# ------------------------------------------------------------------ patch finalize
+#
+# A patch is finalized cell by cell, streaming: each cell's accumulator is read, turned
+# into its coadd, written straight into the output files and dropped, so memory stays
+# bounded (a few cells) whatever the patch size. The ``CELLS`` table of the cells file is
+# fixed-width, one row per cell, so row ``i`` lives at a known file offset and is written
+# with one ``pwrite`` of a big-endian record (no astropy, no byte swapping afterwards).
+# Work is handed out by rows of cells (same cell y): a row of cells fills one horizontal
+# strip of each stitched plane, written with one ``pwrite`` per plane (a shared memory
+# map of the file was tried: its page faults cost more than the writes). The headers and
+# the small tables (``CELL``, ``VISIT``, ``MASKDEF``) are made by astropy exactly as
+# before, so the files are the same bytes as the astropy writers produced (tested against
+# the old implementation, tests/finalize_reference.py). Rows of cells are spread over
+# worker processes (``fork``: HDF5 reading holds the GIL), and the patch's cell files are
+# prefetched into the page cache (``POSIX_FADV_WILLNEED``, asynchronous) a bounded window
+# ahead of the workers, so a cold read overlaps the computation.
+
+FITS_BLOCK = 2880
+PREFETCH_CELLS = 64  # cell files prefetched ahead of the slowest finished cell
+CELL_TABLE_COLUMNS = ["cell_x", "cell_y", "visit", "detector", "overlaps_center",
+                      "overlap_fraction", "unmasked_overlap_fraction", "weight",
+                      "psf_shape_ixx", "psf_shape_iyy", "psf_shape_ixy", "psf_shape_flag",
+                      "fallback"]
+CELL_TABLE_DTYPES = [np.int64, np.int64, np.int64, np.int64, bool, np.float64, np.float64,
+                     np.float64, np.float64, np.float64, np.float64, bool, bool]
+CELL_TABLE_DTYPE = np.dtype(list(zip(CELL_TABLE_COLUMNS, CELL_TABLE_DTYPES)))
+
+
+def _padded(n: int) -> int:
+    return -(-n // FITS_BLOCK) * FITS_BLOCK
+
+
+def _primary_header(tract: Tract, patch: PatchId, band: str, skymap_name: str,
+                    config: FoldConfig) -> fits.Header:
     g = tract.cells
-    outer = g.outer
     n = g.cells_per_patch
     origin = tract.cell_grid_origin(patch)
     ph = fits.Header(tract.wcs().to_header())
@@ -151,92 +224,216 @@ def write_cells_fits(path, patch: PatchId, band: str, tract: Tract, coadds: list
                "GRMIN1": origin[0], "GRMIN2": origin[1], "OCELL1": g.border,
                "OCELL2": g.border, "PSFSIZE1": config.psf_size, "PSFSIZE2": config.psf_size,
                "NNOISE": config.noise_realizations, "BUNIT": "nJy"})
-    k = len(coadds)
-    dim = f"({outer},{outer})"
+    return ph
+
+
+def cells_row_dtype(outer: int, config: FoldConfig) -> np.dtype:
+    """One row of the ``CELLS`` table as a packed big-endian numpy record."""
+    p = config.psf_size
+    fields = [("cell_id", ">i2", (2,)), ("image", ">f4", (outer, outer)),
+              ("mask", ">i4", (outer, outer)), ("variance", ">f4", (outer, outer)),
+              ("psf", ">f8", (p, p)), ("maskfrac", ">f4", (outer, outer))]
+    fields += [(f"noise_{i:02d}", ">f4", (outer, outer)) for i in range(config.noise_realizations)]
+    return np.dtype(fields)
+
+
+def _cells_hdu_header(tract: Tract, config: FoldConfig) -> fits.BinTableHDU:
+    """The ``CELLS`` HDU without rows (its header is what the row data go under)."""
+    g = tract.cells
+    outer = g.outer
     npx = outer * outer
+    dim = f"({outer},{outer})"
     psfdim = f"({config.psf_size},{config.psf_size})"
-    cols = [
-        fits.Column("cell_id", "2I", array=np.array([[c.cell.x, c.cell.y] for c in coadds],
-                                                     np.int16).reshape(k, 2)),
-        fits.Column("image", f"{npx}E", dim=dim, unit="nJy",
-                    array=np.array([c.image for c in coadds], np.float32).reshape(k, outer, outer)),
-        fits.Column("mask", f"{npx}J", dim=dim,
-                    array=np.array([c.mask for c in coadds], np.int32).reshape(k, outer, outer)),
-        fits.Column("variance", f"{npx}E", dim=dim, unit="nJy2",
-                    array=np.array([c.variance for c in coadds], np.float32).reshape(k, outer, outer)),
-        fits.Column("psf", f"{config.psf_size**2}D", dim=psfdim,
-                    array=np.array([c.psf for c in coadds]).reshape(k, config.psf_size, config.psf_size)),
-        fits.Column("maskfrac", f"{npx}E", dim=dim,
-                    array=np.array([c.maskfrac for c in coadds], np.float32).reshape(k, outer, outer)),
-    ]
-    for i in range(config.noise_realizations):
-        cols.append(fits.Column(f"noise_{i:02d}", f"{npx}E", dim=dim, unit="nJy",
-                                array=np.array([c.noise[i] for c in coadds], np.float32)
-                                .reshape(k, outer, outer)))
-    cells_hdu = fits.BinTableHDU.from_columns(cols, name="CELLS")
-    inner0 = coadds[0].inner_box if coadds else None
-    if inner0 is not None:
-        cells_hdu.header.update({"INBBOX11": g.border, "INBBOX12": g.border + g.inner - 1,
-                                 "INBBOX21": g.border, "INBBOX22": g.border + g.inner - 1})
-    cell_rows = []
-    for c in coadds:
-        for r in c.contributors:
-            cell_rows.append({"cell_x": c.cell.x, "cell_y": c.cell.y, "visit": r["visit"],
-                              "detector": r["detector"], "overlaps_center": True,
-                              "overlap_fraction": r["overlap_fraction"],
-                              "unmasked_overlap_fraction": r["good_fraction"],
-                              "weight": r["weight"], "psf_shape_ixx": r["psf_ixx"],
-                              "psf_shape_iyy": r["psf_iyy"], "psf_shape_ixy": r["psf_ixy"],
-                              "psf_shape_flag": r["psf_flag"], "fallback": r["fallback"]})
-    cell_table = Table(rows=cell_rows) if cell_rows else Table(
-        names=["cell_x", "cell_y", "visit", "detector"], dtype=[int, int, int, int])
-    visits = sorted({(int(r["visit"]), str(r["instrument"]), str(r["physical_filter"]),
-                      float(r["mjd"])) for c in coadds for r in c.contributors})
+    cols = [fits.Column("cell_id", "2I"),
+            fits.Column("image", f"{npx}E", dim=dim, unit="nJy"),
+            fits.Column("mask", f"{npx}J", dim=dim),
+            fits.Column("variance", f"{npx}E", dim=dim, unit="nJy2"),
+            fits.Column("psf", f"{config.psf_size**2}D", dim=psfdim),
+            fits.Column("maskfrac", f"{npx}E", dim=dim)]
+    cols += [fits.Column(f"noise_{i:02d}", f"{npx}E", dim=dim, unit="nJy")
+             for i in range(config.noise_realizations)]
+    hdu = fits.BinTableHDU.from_columns(cols, nrows=0, name="CELLS")
+    hdu.header.update({"INBBOX11": g.border, "INBBOX12": g.border + g.inner - 1,
+                       "INBBOX21": g.border, "INBBOX22": g.border + g.inner - 1})
+    return hdu
+
+
+def _hdul_headers(hdus: list) -> list[fits.Header]:
+    """The headers of ``hdus`` as astropy writes them in one file (``EXTEND`` set in the
+    primary; the data given here are placeholders)."""
+    fits.HDUList(hdus).update_extend()
+    return [h.header for h in hdus]
+
+
+def _set_card(header: fits.Header, key: str, value) -> None:
+    header[key] = value  # fixed-width card: the header keeps its length
+
+
+def _hbytes(header: fits.Header) -> bytes:
+    return header.tostring().encode("ascii")
+
+
+def _tables_bytes(contrib: np.ndarray, visits: list[tuple]) -> bytes:
+    """``CELL`` (``contrib``: records of ``CELL_TABLE_DTYPE``), ``VISIT`` and ``MASKDEF``
+    HDUs, as bytes to append to the cells file."""
+    if len(contrib):
+        cell_table = Table(contrib)
+    else:
+        cell_table = Table(names=["cell_x", "cell_y", "visit", "detector"],
+                           dtype=[int, int, int, int])
     visit_table = Table(rows=visits, names=["visit", "instrument", "physical_filter", "mjd"]) \
         if visits else Table(names=["visit"], dtype=[int])
-    hdul = fits.HDUList([
-        fits.PrimaryHDU(header=ph), cells_hdu,
-        fits.table_to_hdu(cell_table), fits.table_to_hdu(visit_table),
-        fits.table_to_hdu(maskdef_table())])
-    hdul[2].name, hdul[3].name, hdul[4].name = "CELL", "VISIT", "MASKDEF"
-    hdul.writeto(path, overwrite=True)
+    prim = fits.PrimaryHDU()
+    tail = [fits.table_to_hdu(cell_table), fits.table_to_hdu(visit_table),
+            fits.table_to_hdu(maskdef_table())]
+    for hdu, name in zip(tail, ["CELL", "VISIT", "MASKDEF"]):
+        hdu.name = name
+    buf = io.BytesIO()
+    fits.HDUList([prim, *tail]).writeto(buf)
+    return buf.getvalue()[len(_hbytes(prim.header)):]
 
 
-def stitch(patch: PatchId, tract: Tract, coadds: list[CellCoadd]) -> tuple[Box, dict]:
-    """Stitch inner cells into a patch image (like ``cell_coadds.StitchedCoadd``): each
-    cell fills its inner box, and cells on the patch edge also their border towards the
-    outside, so the result covers the patch outer box. Missing cells: NaN, inf, NO_DATA."""
-    box = tract.patch_outer_box(patch)
+def _visit_rows(contrib_visits) -> list[tuple]:
+    """Distinct (visit, instrument, physical_filter, mjd), sorted; NaN MJDs (a warp
+    without ``MJD-OBS``) compare equal, so a visit is listed once."""
+    seen = {}
+    for v, inst, filt, mjd in contrib_visits:
+        key = (v, inst, filt, "nan" if math.isnan(mjd) else mjd)
+        seen.setdefault(key, (v, inst, filt, mjd))
+    return [seen[k] for k in sorted(seen, key=lambda k: (k[0], k[1], k[2],
+                                                         isinstance(k[3], str),
+                                                         0.0 if isinstance(k[3], str) else k[3]))]
+
+
+@dataclass
+class _PatchJob:
+    """Everything a worker needs to finalize a patch (inherited through fork)."""
+
+    store: object  # StateStore, read-only
+    band: str
+    tract: Tract
+    config: FoldConfig
+    patch: PatchId
+    cells: list[CellId]  # sorted: row i of the CELLS table is cells[i]
+    paths: list[Path]
+    tasks: list[list[int]]  # cell indices of one row of cells (same y), by x
+    task_y: list[int]  # the cell row (y) of each task
+    cells_fd: int
+    data_start: int
+    row_dtype: np.dtype
+    patch_box: Box
+    stitched_fd: int | None  # None: no stitched file
+    plane_offsets: dict  # stitched plane name -> file offset of its data
+
+    def read(self, i: int):
+        """The accumulator of cell ``i`` (None if it has no input any more)."""
+        from .cellfile import read_cell_file
+
+        try:
+            acc, _ = read_cell_file(self.paths[i])
+        except FileNotFoundError:  # superseded by a commit meanwhile: ask the manifest
+            got = self.store.read_cell(self.cells[i], self.band)
+            if got is None:
+                return None
+            acc = got[0]
+        return acc
+
+
+_JOB: _PatchJob | None = None
+_BUFFERS: dict = {}  # per process: reused row record and stitched strips
+
+
+def _buffer(key, shape, dtype) -> np.ndarray:
+    b = _BUFFERS.get(key)
+    if b is None or b.shape != shape or b.dtype != dtype:
+        b = _BUFFERS[key] = np.zeros(shape, dtype)
+    return b
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def _finalize_strip(t: int) -> list[tuple]:
+    """Finalize the cells of task ``t`` of ``_JOB`` (one row of cells): write each cell's
+    ``CELLS`` row, and the row's strip of each stitched plane. Returns per cell
+    ``(i, contributor rows, visits)``, with ``None`` rows for a cell found empty."""
+    job = _JOB
+    tract, box = job.tract, job.patch_box
+    idx = job.tasks[t]
+    strips = None
+    if job.stitched_fd is not None:
+        strip = _stitch_region(tract, CellId(job.patch, 0, job.task_y[t]))
+        strips = {name: _buffer(name, (strip.height, box.width), dtype)
+                  for name, dtype, _ in STITCH_PLANES}
+        for name, _, fill in STITCH_PLANES:
+            strips[name][...] = fill
+    row = _buffer("row", (1,), job.row_dtype)
+    size = job.row_dtype.itemsize
+    n_noise = job.config.noise_realizations
+    out = []
+    for i in idx:
+        cell = job.cells[i]
+        acc = job.read(i)
+        sums = acc.active() if acc is not None else None
+        if sums is None:
+            out.append((i, None, None))
+            continue
+        f = {name: row[name][0] for name in row.dtype.names}  # views into the record
+        f["cell_id"][...] = (cell.x, cell.y)
+        p = coadd_planes(sums, job.config, out={
+            "image": f["image"], "variance": f["variance"], "psf": f["psf"],
+            "maskfrac": f["maskfrac"], "noise": [f[f"noise_{k:02d}"] for k in range(n_noise)]})
+        f["mask"][...] = p["mask"]
+        _pwrite_all(job.cells_fd, row.view(np.uint8), job.data_start + i * size)
+        if strips is not None:
+            region = _stitch_region(tract, cell)
+            outer = tract.cell_outer_box(cell)
+            src = region.slices((outer.x0, outer.y0))
+            dst = region.slices((box.x0, strip.y0))
+            for name, plane in (("IMAGE", "image"), ("MASK", "mask"),
+                                ("VARIANCE", "variance"), ("MASKFRAC", "maskfrac")):
+                strips[name][dst] = p[plane][src]
+        out.append((i, np.array([(cell.x, cell.y, c.visit, c.detector, True,
+                                  c.overlap_fraction, c.good_fraction, c.weight, c.psf_ixx,
+                                  c.psf_iyy, c.psf_ixy, c.psf_flag, c.fallback)
+                                 for c in sums.contributors], CELL_TABLE_DTYPE),
+                    [(int(c.visit), str(c.instrument), str(c.physical_filter), float(c.mjd))
+                     for c in sums.contributors]))
+    if strips is not None:
+        for name, _, _ in STITCH_PLANES:
+            a = strips[name]
+            _pwrite_all(job.stitched_fd, a,
+                        job.plane_offsets[name] + (strip.y0 - box.y0) * a.strides[0])
+    return out
+
+
+def _stitch_region(tract: Tract, cell: CellId) -> Box:
+    """The part of a cell that goes into the stitched patch: its inner box, grown to the
+    outer box on the sides where the cell is on the patch edge (these regions tile the
+    patch outer box)."""
     n = tract.cells.cells_per_patch
-    out = {"IMAGE": np.full(box.shape, np.nan, np.float32),
-           "MASK": np.full(box.shape, BIT["NO_DATA"], np.int32),
-           "VARIANCE": np.full(box.shape, np.inf, np.float32),
-           "MASKFRAC": np.zeros(box.shape, np.float32)}
-    for c in coadds:
-        region = c.inner_box
-        x0 = c.outer_box.x0 if c.cell.x == 0 else region.x0
-        y0 = c.outer_box.y0 if c.cell.y == 0 else region.y0
-        x1 = c.outer_box.x1 if c.cell.x == n - 1 else region.x1
-        y1 = c.outer_box.y1 if c.cell.y == n - 1 else region.y1
-        region = Box(x0, y0, x1, y1)
-        dst = region.slices((box.x0, box.y0))
-        src = region.slices((c.outer_box.x0, c.outer_box.y0))
-        out["IMAGE"][dst] = c.image[src]
-        out["MASK"][dst] = c.mask[src]
-        out["VARIANCE"][dst] = c.variance[src]
-        out["MASKFRAC"][dst] = c.maskfrac[src]
-    return box, out
+    inner, outer = tract.cell_inner_box(cell), tract.cell_outer_box(cell)
+    return Box(outer.x0 if cell.x == 0 else inner.x0, outer.y0 if cell.y == 0 else inner.y0,
+               outer.x1 if cell.x == n - 1 else inner.x1,
+               outer.y1 if cell.y == n - 1 else inner.y1)
 
 
-def write_stitched_fits(path, patch: PatchId, band: str, tract: Tract,
-                        coadds: list[CellCoadd]) -> None:
-    box, planes = stitch(patch, tract, coadds)
+STITCH_PLANES = (("IMAGE", ">f4", np.nan), ("MASK", ">i4", BIT["NO_DATA"]),
+                 ("VARIANCE", ">f4", np.inf), ("MASKFRAC", ">f4", 0.0))
+
+
+def _stitched_headers(patch: PatchId, band: str, tract: Tract, ncells: int,
+                      box: Box) -> list[fits.Header]:
     h = _wcs_header(tract, box)
     ph = fits.Header()
     ph.update({"TRACT": patch.tract, "PATCH_X": patch.x, "PATCH_Y": patch.y, "BAND": band,
-               "NCELLS": len(coadds)})
+               "NCELLS": ncells})
     hdus = [fits.PrimaryHDU(header=ph)]
-    for name, arr in planes.items():
+    for name, dtype, _ in STITCH_PLANES:
         hh = h.copy()
         if name == "IMAGE":
             hh["BUNIT"] = "nJy"
@@ -245,5 +442,173 @@ def write_stitched_fits(path, patch: PatchId, band: str, tract: Tract,
         else:
             for pname, b in CANONICAL_PLANES.items():
                 hh[f"HIERARCH MP_{pname}"] = b
-        hdus.append(fits.ImageHDU(arr, hh, name=name))
-    fits.HDUList(hdus).writeto(path, overwrite=True)
+        hdus.append(fits.ImageHDU(np.zeros((1, 1), dtype), hh, name=name))
+    headers = _hdul_headers(hdus)
+    for hh in headers[1:]:
+        _set_card(hh, "NAXIS1", box.width)
+        _set_card(hh, "NAXIS2", box.height)
+    return headers
+
+
+def _prefetch(paths: list[Path], progress: list, window: int, stop: threading.Event) -> None:
+    """Ask the kernel to read the cell files ahead (``WILLNEED`` is asynchronous), at
+    most ``window`` files beyond the cells finished so far."""
+    for i, path in enumerate(paths):
+        while i >= progress[0] + window:
+            if stop.wait(0.005):
+                return
+        if stop.is_set():
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: list[CellId],
+                   out_stem, stitched: bool = True, workers: int | None = None) -> int:
+    """Finalize ``cells`` (populated cells of one patch and band) into
+    ``{out_stem}_cells.fits`` and, if ``stitched``, ``{out_stem}_stitched.fits``
+    (layouts: ``docs/file-formats.md``), streaming, with ``workers`` processes (default:
+    the cores, at most 4). Returns the number of cells written (0: no file written).
+    A cell whose input disappeared meanwhile (retraction) is left out."""
+    global _JOB
+    tract = store.skymap.tract(patch.tract)
+    config = store.fold
+    cells = sorted(cells)
+    manifest = store.read_manifest(patch, band) or {"cells": {}}
+    d = store.shard_dir(patch, band)
+    # a cell the manifest no longer names gets a path that does not exist: reading it
+    # fails with FileNotFoundError and read_cell then decides (it re-reads the manifest)
+    paths = [d / store.cell_filename(c, manifest["cells"].get(f"{c.x}-{c.y}", 0))
+             for c in cells]
+    k = len(cells)
+    n_side = tract.cells.cells_per_patch
+    by_row: dict[int, list[int]] = {}
+    for i, c in enumerate(cells):
+        by_row.setdefault(c.y, []).append(i)
+    rows_y = list(range(n_side)) if stitched else sorted(by_row)
+    tasks = [sorted(by_row.get(y, []), key=lambda i: cells[i].x) for y in rows_y]
+    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = min(workers, max(1, k // 8))  # forking is not worth it for a few cells
+    row_dtype = cells_row_dtype(tract.cells.outer, config)
+    size = row_dtype.itemsize
+
+    cells_path, stitched_path = Path(f"{out_stem}_cells.fits"), Path(f"{out_stem}_stitched.fits")
+    cells_tmp = cells_path.with_name(cells_path.name + ".part")
+    stitched_tmp = stitched_path.with_name(stitched_path.name + ".part")
+    cells_headers = _hdul_headers([
+        fits.PrimaryHDU(header=_primary_header(tract, patch, band, skymap_name, config)),
+        _cells_hdu_header(tract, config)])
+    _set_card(cells_headers[1], "NAXIS2", k)
+    data_start = sum(len(_hbytes(h)) for h in cells_headers)
+    box = tract.patch_outer_box(patch)
+    st_headers = _stitched_headers(patch, band, tract, k, box) if stitched else []
+    offsets, pos = {}, 0
+    for hh, (name, _, _) in zip(st_headers, (("", None, None), *STITCH_PLANES)):
+        pos += len(_hbytes(hh))
+        if name:
+            offsets[name] = pos
+            pos += _padded(box.width * box.height * 4)
+    st_size = pos
+
+    fd = os.open(cells_tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    sfd = None
+    stop = threading.Event()
+    pool = thread = None
+    n = 0
+    ok = False
+    try:
+        if stitched:
+            sfd = os.open(stitched_tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        _JOB = _PatchJob(store=store, band=band, tract=tract, config=config, patch=patch,
+                         cells=cells, paths=paths, tasks=tasks, task_y=rows_y, cells_fd=fd,
+                         data_start=data_start, row_dtype=row_dtype, patch_box=box,
+                         stitched_fd=sfd, plane_offsets=offsets)
+        if workers > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context("fork").Pool(workers)
+            results = pool.imap(_finalize_strip, range(len(tasks)))
+        else:
+            results = map(_finalize_strip, range(len(tasks)))
+        progress = [0]
+        if k > 1:
+            order = [paths[i] for t in tasks for i in t]
+            window = max(PREFETCH_CELLS, (workers + 2) * n_side)
+            thread = threading.Thread(target=_prefetch, args=(order, progress, window, stop),
+                                      name="finalize-prefetch", daemon=True)
+            thread.start()
+        got = []
+        for r in results:
+            got += r
+            progress[0] += len(r)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        got.sort(key=lambda r: r[0])
+        present = [i for i, rows, _ in got if rows is not None]
+        n = len(present)
+        if n == 0:
+            return 0
+        if n < k:  # cells emptied meanwhile: close the gaps
+            for new, old in enumerate(present):
+                if new != old:
+                    _pwrite_all(fd, os.pread(fd, size, data_start + old * size),
+                                data_start + new * size)
+            _set_card(cells_headers[1], "NAXIS2", n)
+        end = data_start + n * size
+        tail = _tables_bytes(np.concatenate([rows for _, rows, _ in got if rows is not None]),
+                             _visit_rows(v for _, _, vs in got if vs for v in set(vs)))
+        _pwrite_all(fd, b"".join(_hbytes(h) for h in cells_headers), 0)
+        _pwrite_all(fd, b"\0" * (_padded(end) - end) + tail, end)
+        os.ftruncate(fd, _padded(end) + len(tail))
+        if stitched:
+            _set_card(st_headers[0], "NCELLS", n)
+            _pwrite_all(sfd, _hbytes(st_headers[0]), 0)
+            for hh, (name, _, _) in zip(st_headers[1:], STITCH_PLANES):
+                b = _hbytes(hh)
+                _pwrite_all(sfd, b, offsets[name] - len(b))
+            os.ftruncate(sfd, st_size)  # the zero padding of the last plane
+        ok = True
+    finally:
+        stop.set()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if thread is not None:
+            thread.join()
+        _JOB = None
+        os.close(fd)
+        if sfd is not None:
+            os.close(sfd)
+        if ok:
+            os.replace(cells_tmp, cells_path)
+            if stitched:
+                os.replace(stitched_tmp, stitched_path)
+        else:
+            _remove(cells_tmp)
+            _remove(stitched_tmp)
+    return n
