@@ -242,9 +242,11 @@ def write_cell_file(path: Path, acc: CellAccumulator, band: str, generation: int
     crash_point("cell-renamed")
 
 
-def read_cell_file(path: Path) -> tuple[CellAccumulator, dict]:
+def read_cell_file(path: Path, for_coadd: bool = False) -> tuple[CellAccumulator, dict]:
     """Read a cell generation; returns the accumulator and the file attributes.
-    Raises ``OSError`` (missing, unreadable, or checksum mismatch)."""
+    ``for_coadd``: only what a coadd needs (the active group, without the per-bit mask
+    counts; such an accumulator must not be folded into). Raises ``OSError`` (missing,
+    unreadable, or checksum mismatch)."""
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
@@ -263,18 +265,22 @@ def read_cell_file(path: Path) -> tuple[CellAccumulator, dict]:
         cx, cy = (int(v) for v in attrs["cell"])
         outer = Box(*(int(v) for v in attrs["outer_box"]))
         acc = CellAccumulator(cell=CellId(PatchId(t, px, py), cx, cy), outer=outer)
-        for name in GROUPS:
-            if name in f:
-                acc.groups[name] = _read_group(f[name], outer.shape, f"{path}:/{name}")
+        names = [attrs.get("active_group")] if for_coadd else GROUPS
+        for name in names:
+            if name and name in f:
+                acc.groups[name] = _read_group(f[name], outer.shape, f"{path}:/{name}",
+                                               bit_counts=not for_coadd)
     return acc, attrs
 
 
-def _read_group(g: h5py.Group, shape: tuple[int, int], where: str) -> CellSums:
+def _read_group(g: h5py.Group, shape: tuple[int, int], where: str,
+                bit_counts: bool = True) -> CellSums:
     gid = g.id
     sum_w, w_attrs = _read(gid, "sum_w", where)
     encoding, sum_w = _decode(sum_w, w_attrs, f"{where}/sum_w")
     full = encoding == "constant"
-    subgroup = {k: g[k].id for k in ("planes", "bit_counts") if k in g}
+    subgroup = {k: g[k].id for k in ("planes", "bit_counts")[:2 if bit_counts else 1]
+                if k in g}
     return CellSums(
         shape=tuple(shape), sum_wI=_plane_at(gid, "sum_wI", where),
         sum_w2var=_plane_at(gid, "sum_w2var", where),

@@ -330,7 +330,7 @@ class _PatchJob:
         from .cellfile import read_cell_file
 
         try:
-            acc, _ = read_cell_file(self.paths[i])
+            acc, _ = read_cell_file(self.paths[i], for_coadd=True)
         except FileNotFoundError:  # superseded by a commit meanwhile: ask the manifest
             got = self.store.read_cell(self.cells[i], self.band)
             if got is None:
