@@ -630,10 +630,17 @@ def report(results, daemon, prof, env, cmd, args, png_name, geo, gen_s) -> str:
     if prof and not prof.get("skipped"):
         out.append(f"py-spy (`--idle`, 100 Hz) on a separate `streamcoadd ingest` of "
                    f"N = {prof['n']} warps (ingest wall {prof['wall_s']:.1f} s under the "
-                   "profiler), main thread only, each sample attributed to the innermost frame "
-                   "matching a category (`scripts/bench_profile.py`):")
+                   "profiler), main thread, each sample attributed to the innermost frame "
+                   "matching a category (`scripts/bench_profile.py`); the forked second "
+                   "cell-writer process appears as the main thread waiting for it:")
         out.append("")
     out.append(profile_table(prof))
+    if prof and prof.get("loader") and prof["loader"].get("samples"):
+        lp = dict(prof["loader"], wall_s=prof["wall_s"])
+        out.append("The loader thread (reads, hashes, validates and prepares the next warp "
+                   "on the second core), share of the same wall time:")
+        out.append("")
+        out.append(profile_table(lp).split("\n\nHottest")[0] + "\n")
     if prof and prof.get("finalize"):
         fp = prof["finalize"]
         out.append(f"`streamcoadd finalize --patch` of the same state under py-spy, cold "
@@ -769,6 +776,7 @@ def main(argv=None):
                 prof = dict(skipped="py-spy not installed (pip install py-spy)")
             else:
                 prof = analyse(raw)
+                prof["loader"] = analyse(raw, root_fn="load_warp")  # the second thread
                 prof["n"] = pn
                 prof["wall_s"] = json.loads((pd / "raw.ingest.json").read_text())["wall_s"]
                 from bench_profile import record_finalize

@@ -28,31 +28,38 @@ RULES = [
     ("commit: fsync (cells, dirs, manifest)", r"^(fsync_file|fsync_dir)$", None),
     ("commit: ledger (sqlite)", r"^Ledger\.", None),
     ("commit: CRC-32 of datasets", r"^_dataset$", r"crc32"),
+    ("commit: sparse/constant plane encoding", r"^encode_plane$", None),
     ("commit: write file bytes", r"^write_cell_file$", r"\.write\("),
-    ("commit: HDF5 encode (h5py)", r"^write_cell_file$", None),
-    ("commit: unlink superseded, manifest json", r"^StateStore\._write_shard$", None),
+    ("commit: HDF5 encode (h5py)", r"^(write_cell_file|_dataset|_attr|_plane)$", None),
+    ("commit: waiting for the second writer process", r"^write_cells_parallel$", None),
+    ("commit: unlink superseded, manifest json",
+     r"^StateStore\._(write_shard|finish_shard|plan_shard)$", None),
     ("commit: cache trim / other", r"^StateStore\.commit$", None),
-    ("load accumulators from HDF5 (cache miss)", r"^read_cell_file$", None),
-    ("allocate new accumulators (zeros)", r"^CellSums\.zeros$", None),
+    ("load accumulators from HDF5 (cache miss)",
+     r"^(read_cell_file|_read_group|_read_did|_attrs_of)$", None),
+    ("allocate new accumulators (zeros)", r"^(CellSums\.zeros|CellSums\.plane_zeros)$", None),
+    ("waiting for the loader thread (next warp not ready)", r"^WarpLoader\.take$", None),
     ("read: sha256 content hash", r"^file_hash$", None),
     ("read: file bytes", r"^_read_bytes$", None),
     ("validate: WCS check", r"^_check_wcs$", None),
     ("validate: finite/positive pixel checks", r"^_check_good_pixels$", None),
     ("read: mask remap to canonical bits", r"^remap_to_canonical$", None),
     ("read: FITS parse + byteswap (astropy)", r"^(read_warp|_parse)$", None),
-    ("weight: sigma clipping", r"^warp_weight$", None),
+    ("weight: sigma clipping", r"^(warp_weight|_median_in_place)$", None),
     ("interpolate bad pixels", r"^interpolate_bad_pixels$", None),
     ("prepare: or_mask, planes", r"^prepare_warp$", None),
     ("PSF moments", r"^psf_moments$", None),
     ("accumulate: per-bit mask counts, mask OR", r"^accumulate_pixels$",
-     r"or_mask|bit|mask_or"),
-    ("accumulate: interpolated-weight plane", r"^accumulate_pixels$", r"sum_w_interp"),
-    ("accumulate: float64 sums (w, wI, w2var, SAT)", r"^accumulate_pixels$", None),
+     r"or_mask|bit|mask_bits"),
+    ("accumulate: interpolated-weight plane", r"^accumulate_pixels$", r"interp"),
+    ("accumulate: float64 sums (w, wI, w2var, SAT)", r"^(accumulate_pixels|_add_product)$",
+     None),
     ("fold_cell: PSF stamp, contributor row", r"^fold_cell$", None),
     ("overlap rule (cell_input)", r"^cell_input$", None),
     ("submit: planning, dedupe, other", r"^(Ingestor\._submit|fold_into_shard|shard_inputs)$",
      None),
     ("ingest loop / progress / other", r"^(Ingestor\.|cmd_ingest)", None),
+    ("loader thread: other", r"^load_warp$", None),
 ]
 
 _SRC: dict[str, list[str]] = {}
@@ -68,17 +75,16 @@ def source_line(file: str, line: int) -> str:
 
 # the same for ``streamcoadd finalize --patch`` (frames under cmd_finalize)
 FINALIZE_RULES = [
-    ("read cell files: CRC-32 check", r"^_load$", r"crc32"),
-    ("read cell files: HDF5 read (disk, cold)", r"^_load$", None),
-    ("read cell files: contributors, attributes, other", r"^(read_cell_file|contributors_from_array)",
-     None),
+    ("read cell files: CRC-32 check", r"^_read_did$", r"crc32"),
+    ("read cell files: HDF5 reads and attributes",
+     r"^(_read_did|_attrs_of|_read|_read_group|read_cell_file|_plane_at|_optional_at)$", None),
+    ("read cell files: contributors", r"^contributors_from_array", None),
     ("manifests", r"^StateStore\.read_manifest$", None),
-    ("coadd: contributor tables (astropy Table)", r"^contributors_table$", None),
-    ("coadd: image/variance/mask math", r"^coadd_cell$", None),
-    ("write cells FITS: astropy writeto", r"^HDUList\.writeto$", None),
-    ("write cells FITS: build columns/tables", r"^write_cells_fits$", None),
-    ("write stitched FITS", r"^(write_stitched_fits|stitch)$", None),
-    ("CLI / other", r"^cmd_finalize$", None),
+    ("coadd: image/variance/mask math", r"^coadd_planes$", None),
+    ("write: pwrite of rows and strips", r"^_pwrite_all$", None),
+    ("write: tables and headers", r"^(_tables_bytes|_visit_rows|_hbytes|_hdul_headers)$", None),
+    ("per-cell strip handling", r"^_finalize_strip$", None),
+    ("CLI / waiting for workers / other", r"^(cmd_finalize|finalize_patch)$", None),
 ]
 
 FRAME = re.compile(r"^(?P<fn>.+?) \((?P<file>[^():]+)(?::(?P<line>\d+))?\)$")
@@ -103,8 +109,11 @@ def analyse(raw: str, rules=None, root_fn="cmd_ingest") -> dict:
         stack, _, n = row.rpartition(" ")
         n = int(n)
         frames = [parse_frame(f) for f in stack.split(";")]
-        if not any(fn == root_fn for fn, _, _ in frames):
+        names = {fn for fn, _, _ in frames}
+        if root_fn not in names:
             continue  # other threads (RSS sampler) and interpreter start-up
+        if root_fn == "load_warp" and "cmd_ingest" in names:
+            continue  # a load on the main thread is the main thread's
         total += n
         cat = None
         for fn, file, line in reversed(frames):
@@ -148,7 +157,8 @@ def record_finalize(state, patch, out_dir, out_raw, rate=100):
     from bench_finalize import evict
 
     evict(Path(state) / "shards")
-    cmd = ["py-spy", "record", "--idle", "-r", str(rate), "-f", "raw", "-o", str(out_raw),
+    cmd = ["py-spy", "record", "--idle", "--subprocesses", "-r", str(rate), "-f", "raw",
+           "-o", str(out_raw),
            "--", sys.executable, "-m", "streamcoadd", "finalize", str(state), "--out",
            str(out_dir), "--patch", patch]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
