@@ -924,7 +924,9 @@ class Daemon:
         probe_dir = path or self.state_dir
         err = getattr(cause, "errno", None) or getattr(exc, "errno", None)
         first = first.split(". The state is")[0]  # the rest is said by the pause message
-        if cause is not exc and getattr(cause, "strerror", None):
+        from .errors import StateWriteError
+
+        if not isinstance(cause, StateWriteError) and getattr(cause, "strerror", None):
             first = cause.strerror
         ename = errno.errorcode.get(err) if isinstance(err, int) else None
         if ename is None and "database or disk is full" in first:
