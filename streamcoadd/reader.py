@@ -25,7 +25,7 @@ the default) lowers the calling process's CPU priority (nice 19) and I/O priorit
 at that moment; the read-only commands (``finalize``, ``status``, ``plot``, ``verify``) do
 the same. ``priority="normal"`` (``--priority normal``) opts out, ``"low"`` always lowers.
 Closing the last lowered ``State`` restores the previous priority where the system allows
-it (raising it back needs privileges; see ``docs/analysis.md``).
+it (raising it back needs privileges; see ``docs/operations.md``).
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ class CellView:
         if self._coadd is not None:
             return self._coadd
         st = self._patch._state
+        st.check_priority()
         gen = self.generation
         last = None
         for _ in range(READ_RETRIES):
@@ -323,6 +324,7 @@ class PatchView:
         return f"<PatchView {self.id} band {self.band}: {len(self.generations)} cell(s)>"
 
     def refresh(self) -> "PatchView":
+        self._state.check_priority()
         m = self._state.store.read_manifest(self.id, self.band)
         if m is not None and int(m.get("version", -1)) != STATE_VERSION:
             raise StateError(f"{self.directory}/manifest.json: version {m.get('version')} "
@@ -778,16 +780,38 @@ def restore_priority() -> None:
 class State:
     """A state opened for reading."""
 
+    PRIORITY_CHECK_S = 2.0  # "auto": how often reads look again for a running writer
+
     def __init__(self, path: str | Path, priority: str | None = None):
         self.store = StateStore.open(path, write=False)
         self.root = self.store.root
         self.skymap = self.store.skymap
         self.fold = self.store.fold
+        self._priority = priority or _default_priority
         try:
-            self._lowered = lower_priority_for(self.root, priority)
+            self._lowered = lower_priority_for(self.root, self._priority)
         except BaseException:
             self.store.close()
             raise
+        self._priority_checked = time.monotonic()
+
+    def check_priority(self) -> None:
+        """With ``priority="auto"``: a state kept open for long (a notebook) follows the
+        writer -- lower the priority once a writer holds the state, restore it (as far as
+        allowed) once none does. At most one look (a stat and ``/proc/locks``) per
+        ``PRIORITY_CHECK_S`` seconds; called by the reads themselves."""
+        if self._priority != "auto":
+            return
+        now = time.monotonic()
+        if now - self._priority_checked < self.PRIORITY_CHECK_S:
+            return
+        self._priority_checked = now
+        busy = writer_holds_lock(self.root)
+        if busy and not self._lowered:
+            self._lowered = lower_priority_for(self.root, "low")
+        elif not busy and self._lowered:
+            self._lowered = False
+            restore_priority()
 
     def __repr__(self) -> str:
         return f"<State {self.root} skymap {self.skymap.name!r}>"
@@ -825,6 +849,7 @@ class State:
         return PatchView(self, patch, band)
 
     def populated_cells(self, band: str, patch: PatchId | None = None) -> list[CellId]:
+        self.check_priority()
         out = []
         for p, b in self.store.shard_keys():
             if b != band or patch not in (None, p):
@@ -837,6 +862,7 @@ class State:
 
     def cell(self, cell: CellId, band: str) -> CellCoadd | None:
         """The current coadd of one cell (reads only that cell), or None if empty."""
+        self.check_priority()
         got = self.store.read_cell(cell, band)
         if got is None:
             return None
