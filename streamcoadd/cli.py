@@ -367,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+    # read-only commands: yield to a running writer (docs/reliability.md, readers)
+    for name in ("finalize", "status", "plot", "verify"):
+        s = sub.choices.get(name)
+        if s is not None:
+            s.add_argument("--priority", choices=("auto", "low", "normal"), default="auto",
+                           help="auto (default): run at the lowest CPU and I/O priority "
+                                "while a writer (the daemon) holds the state, so reading "
+                                "never slows it down; normal: do not; low: always lower")
     return p
 
 
@@ -376,6 +384,11 @@ def main(argv=None) -> int:
         print("streamcoadd: error: --cell needs --patch", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "priority", None) and not getattr(args, "repair", False):
+            from .reader import lower_priority_for, set_default_priority
+
+            set_default_priority(args.priority)
+            lower_priority_for(args.state, args.priority)  # for the whole command
         return int(args.func(args) or 0)
     except NoWorkFound as e:
         print(f"streamcoadd: nothing to do: {e}", file=sys.stderr)

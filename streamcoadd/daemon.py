@@ -9,6 +9,12 @@ status file.  Guarantees (see ``docs/operations.md``):
   or at once when it is a duplicate (already durable) or rejected (state untouched).  If the
   process dies at any instant, the next run re-submits what is still in the inbox and the
   core skips what is already durable.
+* A write error (disk full, quota, I/O error) while committing, recording a rejection or
+  moving a file to done/ or rejected/ **pauses** folding: the uncommitted batch is dropped
+  from memory (its files stay in the inbox), the status says ``paused``, and a cheap probe
+  (free space + a small fsynced test write) is retried with bounded exponential back-off;
+  folding resumes by itself once writing works again (``on_write_error = "exit"``: exit 75
+  instead, the old behaviour).
 * One daemon per state: the state's exclusive lock is taken before anything else.
 * SIGTERM / SIGINT: stop taking files, commit what is pending (``on_stop = "commit"``) or
   leave it in the inbox (``"abandon"``), exit 0.  A second signal abandons at once.
@@ -25,6 +31,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,7 +57,13 @@ EXIT_OK = 0
 EXIT_ERROR = 2  # configuration / usage / no state: restarting will not help (as the CLI)
 EXIT_LOCKED = 4  # another process holds the state's writer lock
 EXIT_SOFTWARE = 70  # internal error (a bug); pending warps stay in the inbox
-EXIT_TEMPFAIL = 75  # I/O error while committing (disk full, ...): retry later
+EXIT_TEMPFAIL = 75  # write error with on_write_error = "exit" (disk full, ...): retry later
+
+# errors of a *write* that may go away by themselves or by an operator freeing space:
+# the daemon pauses on them instead of quarantining a file as an internal error
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# temporary files the daemon writes in done/ and rejected/: .NAME.PID.tmp
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -76,6 +89,9 @@ class DaemonConfig:
     on_stop: str = "commit"  # or "abandon"
     until_idle: float = 0.0  # > 0: exit 0 after this many idle seconds
     idle_commit: float = 1.0  # commit a pending batch after this long with nothing to take
+    on_write_error: str = "pause"  # or "exit" (status 75, let systemd restart)
+    write_retry_initial: float = 5.0  # s before the first probe after a write error
+    write_retry_max: float = 60.0  # s, cap of the doubling back-off between probes
 
     @classmethod
     def from_dict(cls, d: dict) -> "DaemonConfig":
@@ -96,6 +112,11 @@ class DaemonConfig:
                 or self.idle_commit < 0 or self.until_idle < 0 or self.max_tracked < 1):
             raise UserError("[daemon] stable_seconds, poll, idle_commit and until_idle must be "
                             ">= 0, reconcile_interval > 0 and max_tracked >= 1")
+        if self.on_write_error not in ("pause", "exit"):
+            raise UserError(f"[daemon] on_write_error must be 'pause' or 'exit', not "
+                            f"{self.on_write_error!r}")
+        if not 0 < self.write_retry_initial <= self.write_retry_max:
+            raise UserError("[daemon] write_retry_initial must be > 0 and <= write_retry_max")
         if self.on_stop not in ("commit", "abandon"):
             raise UserError(f"[daemon] on_stop must be 'commit' or 'abandon', not {self.on_stop!r}")
         if self.log_format not in ("text", "json"):
@@ -202,11 +223,15 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str, fsync_dir: bool = False) -> None:
     """tmp + fsync + rename: a reader sees the old file or the new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)  # e.g. disk full: leave no partial file behind
+        raise
     if fsync_dir:
         _fsync_dir(path.parent)
 
@@ -228,14 +253,71 @@ def _move(src: Path, dst: Path) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        try:
+            with open(src, "rb") as fi, open(tmp, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
+                fo.flush()
+                os.fsync(fo.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            _unlink_quietly(tmp)  # a partial copy (disk full) must not stay in done/
+            raise
         _fsync_dir(dst.parent)
         os.unlink(src)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def clean_stale_tmp(directory: Path) -> list[Path]:
+    """Remove this daemon's temporary files (``.NAME.PID.tmp``: a ``.reason`` being
+    written, a copy across filesystems) left in ``directory`` by a process that died
+    (``kill -9``) -- only names of that form whose PID is not alive."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for de in entries:
+        m = _TMP_RE.match(de.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if de.is_file(follow_symlinks=False):
+                os.unlink(de.path)
+                removed.append(Path(de.path))
+        except OSError:
+            pass
+    return removed
+
+
+def is_write_error(e: BaseException) -> bool:
+    """A failed write that freeing space (or fixing the disk) cures: the state's
+    ``StateWriteError``, or ENOSPC / EDQUOT anywhere."""
+    from .errors import StateWriteError
+
+    return isinstance(e, StateWriteError) or (isinstance(e, OSError)
+                                              and e.errno in WRITE_ERRNOS)
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def st_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -246,6 +328,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _mb(n) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
 
 
 def status_path(state_dir: str | os.PathLike) -> Path:
@@ -285,6 +371,14 @@ def format_status(d: dict | None) -> str:
              "  " + ", ".join(f"{k} {v}" for k, v in c.items()),
              f"  throughput {d.get('throughput', {}).get('warps_per_min_5min', 0):.1f} warps/min "
              f"(last 5 min)"]
+    pz = d.get("paused")
+    if pz:
+        lines.append(f"  PAUSED (write error) since {pz.get('since')}: {pz.get('during')} "
+                     f"could not write {pz.get('path')} ({pz.get('errno') or pz.get('error')}); "
+                     f"{pz.get('requeued', 0)} warp(s) left in the inbox; probe "
+                     f"#{pz.get('probes', 0) + 1} in {pz.get('next_probe_in_s', 0):.0f} s"
+                     + (f" (last: {pz['last_probe']})" if pz.get("last_probe") else "")
+                     + ". Free space on that filesystem: folding resumes by itself.")
     lw = d.get("last_warp")
     if lw:
         lines.append(f"  last warp {lw.get('file')} visit {lw.get('visit')} detector "
@@ -344,6 +438,7 @@ class _Counts:
     rejected: int = 0
     commits: int = 0
     errors: int = 0
+    write_errors: int = 0  # write errors that paused folding (disk full, ...)
 
 
 class Daemon:
@@ -381,6 +476,11 @@ class Daemon:
         self.inbox = None
         self.notify = _SdNotify()
         self._last_take = 0.0
+        # write-error pause: _pause_req is set where the error happens (possibly in the
+        # middle of handling a commit's outcomes); the loop then enters the pause
+        self._pause_req: dict | None = None
+        self.paused: dict | None = None
+        self._retry_delay: float | None = None  # back-off, reset by a successful commit
 
     # ---------------------------------------------------------------- setup
     def _check_dirs(self) -> None:
@@ -430,6 +530,9 @@ class Daemon:
             stale.unlink(missing_ok=True)
         try:
             self._check_dirs()
+            for d in (self.rejected_dir, self.done_dir):
+                for f in clean_stale_tmp(d):
+                    event(logging.INFO, "removed-stale-tmp", file=str(f))
             self._install_signals()
             self.ing = (self.make_ingestor or Ingestor)(self.store, self.run_config)
             self.inbox = Inbox(self.inbox_dir, stable_seconds=self.cfg.stable_seconds,
@@ -460,6 +563,14 @@ class Daemon:
         while True:
             if self.stop_requested:
                 return self._stop()
+            if self._pause_req is not None:
+                code = self._enter_pause()
+                if code is not None:
+                    return code
+            if self.paused is not None:
+                self._paused_step()
+                idle_since = None
+                continue
             self.notify.ping()
             self.inbox.ensure_alive()
             self.inbox.refresh()
@@ -471,6 +582,8 @@ class Daemon:
                 code = self._take(name)
                 if code is not None:
                     return code
+                if self._pause_req is not None:
+                    continue
                 if self.ing.needs_commit():
                     code = self._commit("batch")
                     if code is not None:
@@ -551,6 +664,11 @@ class Daemon:
             self.inbox.forget(name)
             return None
         except Exception as e:  # noqa: BLE001
+            if is_write_error(e):
+                # e.g. the ledger could not record a rejection on a full disk: not the
+                # file's fault; it stays in the inbox and is looked at after the pause
+                self._request_pause("submit", e, requeue=name)
+                return None
             return self._internal_error(name, fp, e)
         status = getattr(o, "status", None)
         if status == "pending":
@@ -646,6 +764,14 @@ class Daemon:
             else:
                 _move(path, _unique_target(self.done_dir, name))
         except OSError as e:
+            if is_write_error(e):
+                # durable already; it stays in the inbox and is a duplicate after the pause
+                self._request_pause("move-to-done", e, requeue=name, path=self.done_dir,
+                                    need=st_size(path))
+                self._record(f)
+                event(logging.INFO, "warp", **f, note="durable; left in the inbox (done/ "
+                      "not writable now), reported as a duplicate after the pause")
+                return
             self.counts.errors += 1
             self.last_error = f"cannot move {name} out of the inbox: {e}"
             log.error("%s (it is folded; it will be seen as a duplicate later)", self.last_error)
@@ -675,9 +801,17 @@ class Daemon:
             text += f"visit: {f['visit']}\ndetector: {f['detector']}\n"
         if detail:
             text += "\n" + detail
+        reason_file = target.with_name(target.name + ".reason")
         try:
-            atomic_write_text(target.with_name(target.name + ".reason"), text)
+            atomic_write_text(reason_file, text)
         except OSError as e:
+            if is_write_error(e):
+                self._request_pause("quarantine", e, requeue=name, path=self.rejected_dir,
+                                    need=len(text) + st_size(path))
+                event(logging.WARNING, "reject-deferred", file=name, reason=reason,
+                      note="cannot write to rejected/ now; the file stays in the inbox and "
+                           "is rejected after the pause")
+                return
             log.error("cannot write %s.reason: %s", target, e)
         try:
             _move(path, target)
@@ -685,6 +819,14 @@ class Daemon:
             _fsync_dir(self.inbox_dir)
             self.inbox.forget(name, removed=True)
         except OSError as e:
+            if is_write_error(e):
+                _unlink_quietly(reason_file)
+                self._request_pause("quarantine", e, requeue=name, path=self.rejected_dir,
+                                    need=len(text) + st_size(path))
+                event(logging.WARNING, "reject-deferred", file=name, reason=reason,
+                      note="cannot move it to rejected/ now; it stays in the inbox and is "
+                           "rejected after the pause")
+                return
             self.counts.errors += 1
             self.last_error = f"cannot move {name} to {self.rejected_dir}: {e}"
             log.error(self.last_error)
@@ -697,15 +839,14 @@ class Daemon:
         n = self.ing.pending
         t = time.monotonic()
         try:
+            need = self.store.dirty_bytes()
+        except Exception:  # noqa: BLE001 - an estimate only
+            need = 0
+        try:
             outcomes = self.ing.commit()
-        except OSError as e:
-            self.counts.errors += 1
-            self.last_error = f"commit failed: {e}"
-            event(logging.ERROR, "commit-failed", error=str(e), errno=errno.errorcode.get(e.errno),
-                  pending=n, note="pending warps stay in the inbox and are replayed at restart")
-            self.inflight.clear()
-            self.state = "failed"
-            return EXIT_TEMPFAIL
+        except OSError as e:  # StateWriteError (disk full, quota, EIO), or any I/O error
+            self._request_pause("commit", e, need=need)
+            return None
         except Exception as e:  # noqa: BLE001
             self.counts.errors += 1
             self.last_error = f"commit failed: {type(e).__name__}: {e}"
@@ -716,6 +857,7 @@ class Daemon:
         dt = time.monotonic() - t
         crash_point("daemon-before-done")  # durable, still in the inbox: replayed as duplicate
         self.counts.commits += 1
+        self._retry_delay = None  # writing works: the next pause starts its back-off afresh
         self._latency["commit_s_sum"] += dt
         seen = set()
         for o in outcomes or ():
@@ -762,16 +904,196 @@ class Daemon:
         self._write_status(force=True)
         return None
 
+    # ---------------------------------------------------------------- write-error pause
+    def _request_pause(self, during: str, exc: BaseException, *, requeue: str | None = None,
+                       path: Path | None = None, need: int = 0) -> None:
+        """A write failed: note it (the first one wins) and put ``requeue`` back in the
+        queue; the main loop enters the pause at the next safe point."""
+        if requeue is not None:
+            self.inbox.release(requeue)
+        if self._pause_req is not None:
+            self._pause_req["requeued"] += requeue is not None
+            return
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = getattr(cause, "filename", None) or getattr(exc, "filename", None)
+        if not where:  # StateWriteError: "cannot write SHARD_DIR: reason. The state ..."
+            m = re.match(r"cannot write (/.+?): ", first)
+            where = m.group(1) if m else None
+        where = Path(where) if where else (path or self.state_dir)
+        probe_dir = path or self.state_dir
+        err = getattr(cause, "errno", None) or getattr(exc, "errno", None)
+        first = first.split(". The state is")[0]  # the rest is said by the pause message
+        from .errors import StateWriteError
+
+        if not isinstance(cause, StateWriteError) and getattr(cause, "strerror", None):
+            first = cause.strerror
+        ename = errno.errorcode.get(err) if isinstance(err, int) else None
+        if ename is None and "database or disk is full" in first:
+            ename = "SQLITE_FULL"  # SQLite's word for ENOSPC (it reports no errno)
+        self._pause_req = {
+            "during": during, "path": str(where), "probe_dirs": sorted({str(self.state_dir),
+                                                                      str(probe_dir)}),
+            "errno": ename,
+            "error": first, "need_bytes": int(need or 0), "requeued": int(requeue is not None),
+            "message": f"{during}: cannot write {where}: {first}"}
+
+    def _drop_uncommitted(self) -> int:
+        """Forget the folded, uncommitted batch (in memory only); its files go back to the
+        queue in their order. The inbox is the replay log: nothing is lost."""
+        n = self.ing.pending if self.ing is not None else 0
+        try:
+            self.store.discard_uncommitted()
+        finally:
+            if self.ing is not None:
+                from .ingest import Ingestor
+
+                self.ing = (self.make_ingestor or Ingestor)(self.store, self.run_config)
+            names = [inf.name for inf in self.inflight.values()]
+            self.inflight.clear()
+            for name in reversed(names):
+                self.inbox.release(name)
+        return n
+
+    def _enter_pause(self) -> int | None:
+        req, self._pause_req = self._pause_req, None
+        self.counts.write_errors += 1
+        self.last_error = req["message"]
+        requeued = req.pop("requeued") + self._drop_uncommitted()
+        free = {d: _free_bytes(Path(d)) for d in req["probe_dirs"]}
+        if self.cfg.on_write_error == "exit":
+            event(logging.ERROR, "commit-failed", during=req["during"], path=req["path"],
+                  errno=req["errno"], error=req["error"], pending=requeued,
+                  note="on_write_error = exit: the warps stay in the inbox and are folded "
+                       "at the next start (exit status 75)")
+            self.state = "failed"
+            return EXIT_TEMPFAIL
+        delay = self.cfg.write_retry_initial if self._retry_delay is None \
+            else min(self._retry_delay * 2, self.cfg.write_retry_max)
+        self._retry_delay = delay
+        now = time.monotonic()
+        self.paused = dict(req, since=_utcnow(), t0=now, next_at=now + delay, delay=delay,
+                           probes=0, requeued=requeued, last_probe=None, free_bytes=free)
+        full = req["errno"] in ("ENOSPC", "EDQUOT", "SQLITE_FULL") \
+            or "full" in req["error"].lower()
+        todo = (f"free space on the filesystem of {req['path']}"
+                + (f" (about {_mb(req['need_bytes'])} needed)" if req["need_bytes"] else "")
+                if full else f"fix the cause ({req['error']})")
+        event(logging.ERROR, "paused", reason="write error", during=req["during"],
+              path=req["path"], errno=req["errno"], error=req["error"],
+              free=", ".join(f"{d}: {_mb(v)}" for d, v in free.items()),
+              message=f"folding is PAUSED: {todo}. The state is consistent (the last commit "
+                      f"is intact); the {requeued} warp(s) not yet durable stay in the inbox. "
+                      f"The daemon checks every {self.cfg.write_retry_initial:g}-"
+                      f"{self.cfg.write_retry_max:g} s and resumes by itself; no restart "
+                      "needed (SIGTERM still stops it)")
+        self.state = "paused"
+        self.notify.send(f"STATUS=paused: cannot write {req['path']} ({req['error']})")
+        self._write_status(force=True)
+        return None
+
+    def _probe(self) -> tuple[bool, str]:
+        """Can the daemon write again? Enough free space for about the failed batch (at
+        most half the filesystem) in every directory involved, and a 64 KiB test file
+        written, fsynced and removed there."""
+        p = self.paused
+        for d in map(Path, p["probe_dirs"]):
+            try:
+                st = os.statvfs(d)
+                free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            except OSError as e:
+                return False, f"statvfs {d}: {e.strerror}"
+            need = min(p["need_bytes"] + (1 << 20), size // 2)
+            if free < need:
+                return False, f"{_mb(free)} free in {d}, {_mb(need)} wanted"
+            tmp = d / f".streamcoadd-probe.{os.getpid()}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, b"\0" * (64 << 10))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                return False, f"test write in {d}: {e.strerror or e}"
+            finally:
+                _unlink_quietly(tmp)
+        return True, "ok"
+
+    def _paused_step(self) -> None:
+        p = self.paused
+        now = time.monotonic()
+        if now >= p["next_at"]:
+            ok, detail = self._probe()
+            p["probes"] += 1
+            if ok:
+                self._resume(detail)
+                return
+            p["last_probe"] = detail
+            p["delay"] = min(p["delay"] * 2, self.cfg.write_retry_max)
+            p["next_at"] = now + p["delay"]
+            log.debug("still paused: %s; next probe in %.1f s", detail, p["delay"])
+            self._status_dirty = True
+        self.notify.ping()
+        self.inbox.ensure_alive()
+        self.inbox.refresh()  # keep the queue counts of the status current
+        self._write_status()
+        timeout = min(max(p["next_at"] - now, 0.0), 1.0, self.cfg.status_interval)
+        if self.notify.watchdog:
+            timeout = min(timeout, self.notify.watchdog)
+        self.wake.wait(max(timeout, 0.01))
+        self.wake.clear()
+
+    def _resume(self, detail: str) -> None:
+        p, self.paused = self.paused, None
+        event(logging.INFO, "resumed", paused_s=round(time.monotonic() - p["t0"], 1),
+              probes=p["probes"], path=p["path"],
+              free=", ".join(f"{d}: {_mb(_free_bytes(Path(d)))}" for d in p["probe_dirs"]),
+              note="writing works again; folding the inbox")
+        self.state = "running"
+        self.inbox.request_rescan()
+        self.notify.send("STATUS=running")
+        self._write_status(force=True)
+
+    def _pause_status(self, now: float) -> dict | None:
+        p = self.paused
+        if p is None:
+            return None
+        return {"reason": "write error", "during": p["during"], "path": p["path"],
+                "errno": p["errno"], "error": p["error"], "since": p["since"],
+                "paused_s": round(now - p["t0"], 1), "probes": p["probes"],
+                "next_probe_in_s": round(max(0.0, p["next_at"] - now), 1),
+                "last_probe": p["last_probe"], "requeued": p["requeued"],
+                "need_bytes": p["need_bytes"], "free_bytes": p["free_bytes"],
+                "message": p["message"]}
+
     # ---------------------------------------------------------------- stop
     def _stop(self, reason: str = "signal") -> int:
+        if self._pause_req is not None and self.paused is None:
+            # a write failed just before the signal: drop the batch (it stays in the inbox)
+            code = self._enter_pause()
+            if code is not None:
+                return code
         self.state = "stopping"
         self._write_status(force=True)
         self.notify.send("STOPPING=1")
         pending = self.ing.pending if self.ing else 0
-        if pending and self.cfg.on_stop == "commit":
+        if pending and self.paused is None and self.cfg.on_stop == "commit":
             code = self._commit("stop")
             if code is not None:
                 return code
+            if self._pause_req is not None:  # the last commit failed: nothing is lost
+                req, self._pause_req = self._pause_req, None
+                self.counts.write_errors += 1
+                self.last_error = req["message"]
+                event(logging.ERROR, "commit-failed", during=req["during"], path=req["path"],
+                      errno=req["errno"], error=req["error"], pending=pending,
+                      note="stopping anyway: the pending warps stay in the inbox and are "
+                           "folded at the next start")
+                if self.cfg.on_write_error == "exit":
+                    self.state = "failed"
+                    return EXIT_TEMPFAIL
+                self._drop_uncommitted()
         elif pending:
             event(logging.INFO, "abandon", pending=pending,
                   note="pending warps stay in the inbox and are folded at the next start")
@@ -827,6 +1149,7 @@ class Daemon:
                          "hints_dropped": self.inbox.hints_dropped if self.inbox else 0,
                          "scans": self.inbox.scans if self.inbox else 0},
             "last_error": self.last_error,
+            "paused": self._pause_status(now),
             "latency": dict(self._latency),
             "bytes_written": self.store.bytes_written if self.store is not None else 0,
         }
@@ -893,6 +1216,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--on-stop", choices=("commit", "abandon"),
                    help="at SIGTERM/SIGINT commit pending warps (default) or leave them in "
                         "the inbox")
+    p.add_argument("--write-retry-initial", type=float, metavar="S",
+                   help="after a write error (disk full...) folding pauses; first check "
+                        "whether writing works again after S seconds (default 5)")
+    p.add_argument("--write-retry-max", type=float, metavar="S",
+                   help="... doubling the wait up to S seconds between checks (default 60)")
+    p.add_argument("--exit-on-write-error", action="store_const", const="exit",
+                   dest="on_write_error",
+                   help="exit with status 75 on a write error instead of pausing and "
+                        "resuming by itself (for a supervisor that restarts it)")
     p.add_argument("--config", metavar="TOML",
                    help="settings file with [daemon] and [run] tables "
                         "(default: config/streamcoadd.toml, else built-in defaults)")
@@ -920,7 +1252,8 @@ def build_config(args) -> tuple[DaemonConfig, object]:
     cfg, run = load_config(getattr(args, "config", None))
     for name in ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
                  "until_idle", "idle_commit", "status_file", "metrics_file", "log_file",
-                 "on_stop", "delete_done"):
+                 "on_stop", "delete_done", "on_write_error", "write_retry_initial",
+                 "write_retry_max"):
         v = getattr(args, name, None)
         if v is not None:
             setattr(cfg, name, v)

@@ -36,6 +36,15 @@ def prometheus_text(status: dict) -> str:
            [("", fold.get("commit_s_sum", 0.0))])
     metric("bytes_written_total", "counter", "Bytes of cell files and manifests written.",
            [("", status.get("bytes_written", 0))])
+    metric("write_errors_total", "counter",
+           "Write errors (disk full, quota, I/O) that paused folding.",
+           [("", counts.get("write_errors", 0))])
+    paused = status.get("paused") or {}
+    metric("paused", "gauge",
+           "1 while folding is paused by a write error (disk full...); it resumes by itself.",
+           [('reason="write_error"', 1 if paused else 0)])
+    metric("paused_seconds", "gauge", "Seconds the current pause has lasted (0 if none).",
+           [("", paused.get("paused_s", 0))])
     metric("up", "gauge", "1 while the daemon runs.",
            [("", 1 if status.get("state") not in ("stopped", "failed") else 0)])
     metric("uptime_seconds", "gauge", "Seconds since the daemon started.",

@@ -18,11 +18,23 @@ never take a lock that could block the writer. If a commit supersedes a generati
 reading the manifest and opening the file, the manifest is read again. Cells are read
 independently: reading one cell opens only the manifest and that cell's file, so two
 cells of one patch may come from different commits while a writer is active.
+
+Priority: a reader must not slow the daemon down. ``open_state(path)`` (``priority="auto"``,
+the default) lowers the calling process's CPU priority (nice 19) and I/O priority
+(best-effort, level 7) if a writer (``watch`` or ``ingest``) holds the state's writer lock
+at that moment; the read-only commands (``finalize``, ``status``, ``plot``, ``verify``) do
+the same. ``priority="normal"`` (``--priority normal``) opts out, ``"low"`` always lowers.
+Closing the last lowered ``State`` restores the previous priority where the system allows
+it (raising it back needs privileges; see ``docs/operations.md``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import platform
+import threading
 import time
 from pathlib import Path
 
@@ -163,6 +175,7 @@ class CellView:
         if self._coadd is not None:
             return self._coadd
         st = self._patch._state
+        st.check_priority()
         gen = self.generation
         last = None
         for _ in range(READ_RETRIES):
@@ -311,6 +324,7 @@ class PatchView:
         return f"<PatchView {self.id} band {self.band}: {len(self.generations)} cell(s)>"
 
     def refresh(self) -> "PatchView":
+        self._state.check_priority()
         m = self._state.store.read_manifest(self.id, self.band)
         if m is not None and int(m.get("version", -1)) != STATE_VERSION:
             raise StateError(f"{self.directory}/manifest.json: version {m.get('version')} "
@@ -645,20 +659,168 @@ class TractView:
         return self._tract_map(band, "fwhm")
 
 
+# ---------------------------------------------------------------------------- priority
+PRIORITIES = ("auto", "low", "normal")
+READER_NICE = 19  # CPU: the lowest priority; a reader runs on what the writer leaves
+_IOPRIO_CLASS_SHIFT = 13
+_IOPRIO_CLASS_BE = 2  # best-effort, level 7 (the lowest); not "idle", which can starve
+_IOPRIO_READER = (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7
+_IOPRIO_WHO_PROCESS = 1  # with a thread id: that thread
+_SYS_IOPRIO = {"x86_64": (251, 252), "aarch64": (30, 31), "i686": (289, 290),
+               "ppc64le": (273, 274), "s390x": (282, 283), "riscv64": (30, 31)}
+_default_priority = "auto"
+_lowered = {"depth": 0, "saved": None}
+_prio_lock = threading.Lock()
+
+
+def writer_holds_lock(root: str | Path) -> bool:
+    """True if a process holds the state's writer lock (``STATE/lock``, an ``flock``).
+    Read from ``/proc/locks``: no lock is taken or tested, so this can never delay a
+    writer that is starting. Elsewhere than Linux: the daemon status file says running."""
+    lock = Path(root) / "lock"
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return False
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            return any("FLOCK" in line and key in line.split() for line in f)
+    except OSError:
+        from .daemon import read_status
+
+        d = read_status(root)
+        return bool(d and d.get("running"))
+
+
+def _libc_syscall():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall
+    except (OSError, AttributeError):
+        return None
+
+
+def _ioprio(tid: int, value: int | None = None) -> int | None:
+    """ioprio_get / ioprio_set for one thread (Linux); None where unsupported."""
+    nums = _SYS_IOPRIO.get(platform.machine())
+    call = _libc_syscall() if nums else None
+    if call is None:
+        return None
+    if value is None:
+        r = call(nums[1], _IOPRIO_WHO_PROCESS, tid)
+        return r if r >= 0 else None
+    r = call(nums[0], _IOPRIO_WHO_PROCESS, tid, value)
+    return value if r == 0 else None
+
+
+def _threads() -> list[int]:
+    """Every thread of this process (nice and ioprio are per thread on Linux; BLAS
+    threads started at import would otherwise keep the normal priority)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def _set_all(nice: int | None, ioprio: int | None) -> None:
+    for tid in _threads():
+        if nice is not None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:  # lowering back needs privileges (RLIMIT_NICE / CAP_SYS_NICE)
+                pass
+        if ioprio is not None:
+            _ioprio(tid, ioprio)
+
+
+def current_priority() -> dict:
+    """This thread's ``nice`` and I/O priority (``ioprio`` as the kernel encodes it)."""
+    return {"nice": os.getpriority(os.PRIO_PROCESS, 0), "ioprio": _ioprio(0)}
+
+
+def set_default_priority(priority: str) -> None:
+    """The ``priority`` that ``open_state`` uses when none is given (the CLI sets it
+    from ``--priority``)."""
+    global _default_priority
+    if priority not in PRIORITIES:
+        raise UserError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    _default_priority = priority
+
+
+def lower_priority_for(root: str | Path, priority: str | None = None) -> bool:
+    """Apply a reader's priority policy for the state at ``root``; returns True if this
+    call lowered the process (then :func:`restore_priority` undoes it)."""
+    priority = priority or _default_priority
+    if priority not in PRIORITIES:
+        raise UserError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    if priority == "normal" or (priority == "auto" and not writer_holds_lock(root)):
+        return False
+    with _prio_lock:
+        if _lowered["depth"] == 0:
+            saved = current_priority()
+            _lowered["saved"] = saved
+            _set_all(max(saved["nice"], READER_NICE), _IOPRIO_READER)
+        _lowered["depth"] += 1
+    return True
+
+
+def restore_priority() -> None:
+    """Undo one :func:`lower_priority_for`; the last one puts the saved priority back
+    (as far as the system allows an unprivileged process to)."""
+    with _prio_lock:
+        if _lowered["depth"] == 0:
+            return
+        _lowered["depth"] -= 1
+        if _lowered["depth"] == 0 and _lowered["saved"] is not None:
+            saved, _lowered["saved"] = _lowered["saved"], None
+            _set_all(saved["nice"], saved["ioprio"])
+
+
 class State:
     """A state opened for reading."""
 
-    def __init__(self, path: str | Path):
+    PRIORITY_CHECK_S = 2.0  # "auto": how often reads look again for a running writer
+
+    def __init__(self, path: str | Path, priority: str | None = None):
         self.store = StateStore.open(path, write=False)
         self.root = self.store.root
         self.skymap = self.store.skymap
         self.fold = self.store.fold
+        self._priority = priority or _default_priority
+        try:
+            self._lowered = lower_priority_for(self.root, self._priority)
+        except BaseException:
+            self.store.close()
+            raise
+        self._priority_checked = time.monotonic()
+
+    def check_priority(self) -> None:
+        """With ``priority="auto"``: a state kept open for long (a notebook) follows the
+        writer -- lower the priority once a writer holds the state, restore it (as far as
+        allowed) once none does. At most one look (a stat and ``/proc/locks``) per
+        ``PRIORITY_CHECK_S`` seconds; called by the reads themselves."""
+        if self._priority != "auto":
+            return
+        now = time.monotonic()
+        if now - self._priority_checked < self.PRIORITY_CHECK_S:
+            return
+        self._priority_checked = now
+        busy = writer_holds_lock(self.root)
+        if busy and not self._lowered:
+            self._lowered = lower_priority_for(self.root, "low")
+        elif not busy and self._lowered:
+            self._lowered = False
+            restore_priority()
 
     def __repr__(self) -> str:
         return f"<State {self.root} skymap {self.skymap.name!r}>"
 
     def close(self) -> None:
         self.store.close()
+        if getattr(self, "_lowered", False):
+            self._lowered = False
+            restore_priority()
 
     def __enter__(self):
         return self
@@ -687,6 +849,7 @@ class State:
         return PatchView(self, patch, band)
 
     def populated_cells(self, band: str, patch: PatchId | None = None) -> list[CellId]:
+        self.check_priority()
         out = []
         for p, b in self.store.shard_keys():
             if b != band or patch not in (None, p):
@@ -699,6 +862,7 @@ class State:
 
     def cell(self, cell: CellId, band: str) -> CellCoadd | None:
         """The current coadd of one cell (reads only that cell), or None if empty."""
+        self.check_priority()
         got = self.store.read_cell(cell, band)
         if got is None:
             return None
@@ -733,6 +897,10 @@ class State:
             else Table(names=names, dtype=[str, str, float])
 
 
-def open_state(path: str | Path) -> State:
-    """Open a state directory for reading. See ``docs/analysis.md``."""
-    return State(path)
+def open_state(path: str | Path, priority: str | None = None) -> State:
+    """Open a state directory for reading. See ``docs/analysis.md``.
+
+    ``priority``: ``"auto"`` (default) lowers this process's CPU and I/O priority while
+    the state has a running writer (the daemon), so that analysis never slows it down;
+    ``"normal"`` leaves the priority alone; ``"low"`` always lowers it."""
+    return State(path, priority)

@@ -272,9 +272,12 @@ def test_disk_full_then_retry_in_one_process(tmp_path, monkeypatch, warps_and_re
 
 
 def test_daemon_on_a_full_disk(small_tmpfs, warps_and_ref, tmp_path):
-    """The daemon stops folding with a clear message (commit-failed, EX_TEMPFAIL), the
-    uncommitted files stay in the inbox, the state stays consistent, and a restart after
-    space is freed folds the rest: the same coadd as an uninterrupted run."""
+    """With --exit-on-write-error (the behaviour before the in-process pause, for
+    supervisors that restart it): the daemon stops folding with a clear message
+    (commit-failed, EX_TEMPFAIL), the uncommitted files stay in the inbox, the state stays
+    consistent, and a restart after space is freed folds the rest: the same coadd as an
+    uninterrupted run. The default, pausing and resuming in-process, is tested in
+    tests/test_daemon_diskfull.py."""
     pytest.importorskip("streamcoadd.daemon")
     warps, ref = warps_and_ref
     mnt = small_tmpfs
@@ -286,7 +289,7 @@ def test_daemon_on_a_full_disk(small_tmpfs, warps_and_ref, tmp_path):
     inbox = torture._fill_inbox(tmp_path / "box" / "inbox", warps)
     args = ["watch", st, "--inbox", inbox, "--done", tmp_path / "box" / "done", "--rejected",
             tmp_path / "box" / "rejected", "--until-idle", "0.5", "--commit-every", "2",
-            "--idle-commit", "0.1", "--stable-seconds", "0.2"]
+            "--idle-commit", "0.1", "--stable-seconds", "0.2", "--exit-on-write-error"]
     rc, out, err = cli(*args)
     assert rc == 75, out + err  # EX_TEMPFAIL: try again later
     assert "No space left on device" in out + err

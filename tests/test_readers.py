@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -193,3 +194,97 @@ def test_a_reader_holding_files_open_does_not_block_the_writer(tmp_path):
     from streamcoadd.verify import verify_state
 
     assert verify_state(st) == []
+
+
+HOLD_READER = r'''
+import json, os, sys, time, h5py
+import streamcoadd
+state, ready, priority = sys.argv[1:4]
+st = streamcoadd.open_state(state, **({} if priority == "-" else {"priority": priority}))
+held = []
+for band in st.bands():
+    for p in st.patches(band):
+        pv = st.patch(p, band)
+        for c in pv.cells():
+            c.image                                     # a whole read through the API
+            f = h5py.File(c.path, "r", locking=False)   # then stay inside a read:
+            g = f[f.attrs["active_group"]]              # the generation open, a group open,
+            g["sum_w"][:1]                              # a dataset half read
+            held.append((str(c.path), f, g))
+db = st.store.ledger.db
+db.execute("BEGIN")
+db.execute("SELECT count(*) FROM warps").fetchone()     # an open read transaction
+json.dump({"held": [h[0] for h in held], "nice": os.getpriority(os.PRIO_PROCESS, 0)},
+          open(ready + ".tmp", "w"))
+os.rename(ready + ".tmp", ready)
+time.sleep(600)
+'''
+
+
+def test_readers_inside_a_read_do_not_block_the_daemon(tmp_path):
+    """Reader processes sit inside reads (every current cell generation open, a dataset
+    half read, a ledger read transaction open) while the daemon starts, folds, supersedes
+    those very generations and commits: it never waits for them. A reader opened while no
+    writer runs keeps its priority; one opened while the daemon holds the state lowers
+    itself to nice 19 (priority "auto"), unless it asks for "normal". No timing asserts:
+    the daemon must simply finish with everything durable while the readers still hold on."""
+    from test_daemon import Daemon, wait_for
+
+    warps = torture.make_warp_set(tmp_path / "w", n=10, seed=34)
+    st, ref = tmp_path / "s", tmp_path / "ref"
+    for s in (st, ref):
+        _init(s)
+    _ingest(ref, warps, commit_every=2)
+    _ingest(st, warps[:4], commit_every=2)
+
+    def hold(name, priority):
+        ready = tmp_path / f"{name}.json"
+        p = subprocess.Popen([sys.executable, "-c", HOLD_READER, str(st), str(ready), priority],
+                             env=_env())
+        return p, ready
+
+    def wait_ready(p, ready):
+        wait_for(lambda: ready.exists() or p.poll() is not None, 60, "holder did not start")
+        assert p.poll() is None, "holder died"
+        return json.loads(ready.read_text())
+
+    holders = []
+    d = None
+    try:
+        holders.append(hold("before", "-"))  # opened before the daemon exists
+        before = wait_ready(*holders[-1])
+        inbox = tmp_path / "box" / "inbox"
+        inbox.mkdir(parents=True)
+        d = Daemon(st, inbox, "--commit-every", "2", "--idle-commit", "0.1")
+        d.wait_running()  # a reader holding the state open never delays the writer lock
+        holders.append(hold("auto", "-"))
+        holders.append(hold("normal", "normal"))
+        auto, normal = wait_ready(*holders[-2]), wait_ready(*holders[-1])
+        for w in warps[4:]:
+            tmp = inbox / (w.name + ".tmp")
+            tmp.write_bytes(w.read_bytes())
+            os.rename(tmp, inbox / w.name)
+        done = inbox.parent / "done"
+        wait_for(lambda: done.exists() and len(list(done.iterdir())) == len(warps) - 4, 120,
+                 lambda: f"daemon did not fold everything; log:\n{d.text()}")
+        wait_for(lambda: (s := d.status()) and s["pending"] == 0 and s["counts"]["commits"], 30)
+        assert all(p.poll() is None for p, _ in holders), "a reader died"
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0, d.text()
+    finally:
+        if d is not None:
+            d.kill()
+        for p, _ in holders:
+            p.kill()
+            p.wait()
+    held = set(before["held"]) | set(auto["held"])
+    superseded = [h for h in held if not Path(h).exists()]
+    assert superseded, "the daemon did not replace any generation a reader held open"
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert before["nice"] == own          # no writer when it opened: untouched
+    assert auto["nice"] == max(own, 19)   # opened while the daemon runs: lowest priority
+    assert normal["nice"] == own          # opted out
+    from streamcoadd.verify import verify_state
+
+    assert verify_state(st) == []
+    assert torture.compare_states(ref, st) == []
