@@ -655,8 +655,9 @@ class Daemon:
                                        "refused: deliver the file itself (write NAME.tmp, "
                                        "rename)", None)
                 return None
+        nxt = self.inbox.peek_ready()  # read and prepared on a second core meanwhile
         try:
-            o = self.ing.submit(path)
+            o = self.ing.submit(path, then=self.inbox_dir / nxt if nxt else None)
         except WarpRejected as e:  # contract: rejections are outcomes, but be lenient
             self._reject(name, fp, e.reason, None)
             return None

@@ -485,7 +485,9 @@ class DistributedIngestor:
         return (len(self._items) >= self.run.commit_every
                 or time.monotonic() - self._first_pending_at >= self.run.commit_interval)
 
-    def submit(self, path) -> Outcome:
+    def submit(self, path, then=None) -> Outcome:
+        """``then`` (the next file, for the local Ingestor's loader) is not used: workers
+        read the warps."""
         t0 = time.perf_counter()
         path = str(path)
         try:

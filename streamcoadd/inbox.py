@@ -402,6 +402,14 @@ class Inbox:
             return name
         return None
 
+    def peek_ready(self) -> str | None:
+        """Name of the file :meth:`next_ready` would return next, without taking it."""
+        for name in self._ready:
+            c = self._cands.get(name)
+            if c is not None and c.state == READY:
+                return name
+        return None
+
     def forget(self, name: str, hold_seconds: float = 0.0, removed: bool = False) -> None:
         """The file left the inbox (``removed``) or must be looked at afresh. With
         ``hold_seconds`` the name is not taken again before that time (a file that could not

@@ -209,7 +209,7 @@ for band in st.bands():
             c.image                                     # a whole read through the API
             f = h5py.File(c.path, "r", locking=False)   # then stay inside a read:
             g = f[f.attrs["active_group"]]              # the generation open, a group open,
-            g["sum_w"][:1]                              # a dataset half read
+            g["sum_wI"][:1]                             # a dataset half read
             held.append((str(c.path), f, g))
 db = st.store.ledger.db
 db.execute("BEGIN")
