@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .config import FoldConfig, RunConfig
+from .config import RunConfig
 from .errors import WarpRejected
-from .fold import CellInput, PreparedWarp, cell_input, fold_cell
+from .fold import CellInput, PreparedWarp, fold_cell, shard_inputs  # noqa: F401 (re-export)
 from .ledger import WarpRecord
 from .loader import WarpLoader
 from .memory import retain_freed_memory
-from .skymap import PatchId, Tract
+
 from .state import Shard, StateStore
 from .warp import WarpId
 
@@ -132,25 +132,22 @@ class Ingestor:
             raise loaded.rejection
         prepared = loaded.prepared
         warp = prepared.warp
-        fold = store.fold
         self._check_identity(warp.id, h, path)
-        tract = store.skymap.tract(warp.id.tract)
 
         # Plan everything first, so that a rejection leaves memory untouched.
         plan: list[tuple[Shard, list[CellInput]]] = []
         durable_cells = 0
-        for patch in tract.patches_overlapping(warp.box):
+        for patch, inputs in loaded.inputs.items():  # the overlap rule, applied by the loader
             shard = store.shard(patch, warp.band)
             if h in shard.warps:
                 # Durable in this shard already (replay after a crash): count, don't fold.
-                durable_cells += sum(cell_input(prepared, tract, cell, fold) is not None
-                                     for cell in tract.cells_overlapping(patch, warp.box))
+                durable_cells += len(inputs)
                 continue
             prior = _same_id(shard.warps, warp.id, h) or _same_id(shard.pending_warps, warp.id, h)
             if prior:
                 raise WarpRejected(path, f"{warp.id} is already in the state with different "
                                          "content; retract it first if this is a replacement")
-            plan.append((shard, shard_inputs(prepared, tract, patch, fold)))
+            plan.append((shard, inputs))
 
         n_cells = durable_cells
         try:
@@ -173,14 +170,6 @@ class Ingestor:
         for o in self._pending:
             if o.warp_id == wid and o.content_hash != h:
                 raise WarpRejected(path, f"{wid} is also in {o.path} with different content")
-
-
-def shard_inputs(prepared: PreparedWarp, tract: Tract, patch: PatchId,
-                 fold: FoldConfig) -> list[CellInput]:
-    """The cells of ``patch`` that a prepared warp contributes to (overlap rule applied).
-    Pure: touches no state. Used per shard by :class:`Ingestor` and by distributed workers."""
-    return [cin for cell in tract.cells_overlapping(patch, prepared.box)
-            if (cin := cell_input(prepared, tract, cell, fold)) is not None]
 
 
 def fold_into_shard(store: StateStore, shard: Shard, inputs: list[CellInput],

@@ -16,23 +16,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import FoldConfig
 from .errors import WarpRejected
-from .fold import PreparedWarp, prepare_warp
-from .skymap import SkyMap
+from .fold import CellInput, PreparedWarp, prepare_warp, shard_inputs
+from .skymap import PatchId, SkyMap
 from .warp import _read_bytes, file_hash, read_warp
 
 
 @dataclass
 class LoadedWarp:
-    """One file read ahead: its content hash, and the prepared warp or why it was
-    rejected (exactly one of ``prepared`` and ``rejection`` is set)."""
+    """One file read ahead: its content hash, and the prepared warp with the cells it
+    contributes to, per patch (overlap rule applied), or why it was rejected (exactly one
+    of ``prepared`` and ``rejection`` is set)."""
 
     path: str
     content_hash: str
     prepared: PreparedWarp | None = None
+    inputs: dict[PatchId, list[CellInput]] = field(default_factory=dict)
     rejection: WarpRejected | None = None
 
 
@@ -45,7 +47,11 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig) -> LoadedWarp:
         warp = read_warp(path, skymap, fold.bad_planes, fold.noise_realizations, data=data,
                          content_hash=h)
         del data  # the parsed arrays are copies; free the raw bytes before preparing
-        return LoadedWarp(path, h, prepared=prepare_warp(warp, fold, consume=True))
+        prepared = prepare_warp(warp, fold, consume=True).with_products()
+        tract = skymap.tract(warp.id.tract)
+        inputs = {patch: shard_inputs(prepared, tract, patch, fold)
+                  for patch in tract.patches_overlapping(warp.box)}
+        return LoadedWarp(path, h, prepared=prepared, inputs=inputs)
     except WarpRejected as e:
         return LoadedWarp(path, h, rejection=e)
 

@@ -87,7 +87,7 @@ class Warp:
 
     @property
     def box(self) -> Box:
-        h, w = self.image.shape
+        h, w = self.mask.shape  # (image and variance may be released after preparing)
         return Box(self.xy0[0], self.xy0[1], self.xy0[0] + w, self.xy0[1] + h)
 
 
