@@ -288,7 +288,8 @@ def _read_group(g: h5py.Group, shape: tuple[int, int], where: str,
         psf_w=float(_attrs_of(gid)["psf_w"]),
         w_full=float(sum_w) if full else 0.0, w_partial=None if full else sum_w,
         interp=_optional_at(gid, "sum_w_interp", where),
-        mask_bits=_optional_at(gid, "mask_or", where),
+        # with the counts, mask_or is derived from them (and equal to the stored one)
+        mask_bits=None if bit_counts else _optional_at(gid, "mask_or", where),
         planes={k.decode(): _plane_at(subgroup["planes"], k.decode(), f"{where}/planes")
                 for k in subgroup.get("planes", ())},
         bit_counts={int(k): _plane_at(subgroup["bit_counts"], k.decode(), f"{where}/bit_counts")

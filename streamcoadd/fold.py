@@ -95,12 +95,21 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
     variance over the warp's good pixels: not NO_DATA, no bad plane, finite)."""
     if warp.weight_override is not None:
         return warp.weight_override
+    return weight_from_variances(good_variances(warp, config), warp.path)
+
+
+def good_variances(warp: Warp, config: FoldConfig) -> np.ndarray:
+    """The finite variances of the good pixels (a new 1-D array)."""
     good = (warp.mask & (NO_DATA | bitmask(config.bad_planes))) == 0
     var = warp.variance[good]
-    var = var[np.isfinite(var)]
+    return var[np.isfinite(var)]
+
+
+def weight_from_variances(var: np.ndarray, path: str) -> float:
+    """1 / clipped mean of ``var`` (see :func:`warp_weight`); ``var`` may be reordered."""
     if var.size == 0:
-        raise WarpRejected(warp.path, "no good pixels to compute the weight from and no "
-                                      "WEIGHT keyword in the primary header")
+        raise WarpRejected(path, "no good pixels to compute the weight from and no "
+                                 "WEIGHT keyword in the primary header")
     # float64, as astropy's sigma_clipped_stats: clipping the float32 values is faster
     # but can keep a different pixel at the 3-sigma edge (seen: one warp in 32).
     # A new SigmaClip per call: it keeps per-call state on the instance (not thread-safe).
@@ -111,7 +120,7 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
     kept = clip(var.astype(np.float64), masked=False, copy=False)
     weight = 1.0 / float(np.mean(kept, dtype=np.float64))
     if not WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]:  # also catches inf, nan, <= 0
-        raise WarpRejected(warp.path, f"weight 1/<variance> = {weight!r} is not in "
+        raise WarpRejected(path, f"weight 1/<variance> = {weight!r} is not in "
                                       f"{WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g}; check the "
                                       "VARIANCE plane (units nJy^2)")
     return weight
@@ -122,11 +131,14 @@ def _median_in_place(data: np.ndarray, axis=None) -> np.ndarray:
     return np.median(data, axis=axis, overwrite_input=True)
 
 
-def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False) -> PreparedWarp:
+def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False,
+                 weight: float | None = None) -> PreparedWarp:
     """Weight, interpolation and mask planes of a warp, ready to fold into any cell.
     ``consume=True`` reuses the warp's own image, variance, noise and mask arrays for the
-    prepared planes (they are overwritten: saves ~140 MB per patch-sized warp)."""
-    weight = warp_weight(warp, config)
+    prepared planes (they are overwritten: saves ~140 MB per patch-sized warp).
+    ``weight``: already computed (else :func:`warp_weight` here)."""
+    if weight is None:
+        weight = warp_weight(warp, config)
     valid = (warp.mask & NO_DATA) == 0
     bad = valid & ((warp.mask & bitmask(config.bad_planes)) != 0)
     planes = [warp.image, warp.variance, *warp.noise]
@@ -229,10 +241,12 @@ class CellSums:
 
     - ``sum_w`` = ``w_full`` (the weight of inputs with data on every pixel of the outer
       box: a scalar) + ``w_partial`` (per-pixel weight of the other inputs, or None);
-    - ``sum_w_interp`` (weight that came from interpolated pixels), ``mask_or`` (OR of the
-      inputs' kept mask bits): arrays allocated on first use (None = all zero);
-    - ``planes[name]``: weight of inputs carrying that propagated plane;
-      ``bit_counts[bit]``: number of inputs with that mask bit set (int32).
+    - ``sum_w_interp`` (weight that came from interpolated pixels): allocated on first use
+      (None = all zero);
+    - ``bit_counts[bit]``: number of inputs with that mask bit set (int32); ``mask_or``
+      (OR of the inputs' kept mask bits) is derived from them, unless ``mask_bits`` holds
+      it (a cell read for a coadd only, without its counts);
+    - ``planes[name]``: weight of inputs carrying that propagated plane.
     """
 
     shape: tuple[int, int]
@@ -270,7 +284,12 @@ class CellSums:
 
     @property
     def mask_or(self) -> np.ndarray:
-        return self.mask_bits if self.mask_bits is not None else np.zeros(self.shape, np.int32)
+        if self.mask_bits is not None:
+            return self.mask_bits
+        out = np.zeros(self.shape, np.int32)
+        for bit, cnt in self.bit_counts.items():
+            out |= (cnt > 0).astype(np.int32) << bit
+        return out
 
     def plane_zeros(self, dtype) -> np.ndarray:
         return np.zeros(self.shape, dtype)
@@ -468,12 +487,11 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
                 cnt[cs] += has_bit
             else:
                 cnt[cs] -= has_bit
-    if sign > 0:
-        if sums.mask_bits is None:
-            sums.mask_bits = sums.plane_zeros(np.int32)
-        sums.mask_bits[cs] |= or_mask
-    else:
-        sums.mask_bits = mask_from_bit_counts(sums)
+    sums.mask_bits = None  # mask_or is derived from the counts from now on
+    if sign < 0:
+        for bit, cnt in list(sums.bit_counts.items()):
+            if not cnt.any():
+                del sums.bit_counts[bit]  # no input carries it any more
 
 
 def _add_product(acc: np.ndarray, plane: np.ndarray, factor, tmp: np.ndarray) -> None:
@@ -483,16 +501,3 @@ def _add_product(acc: np.ndarray, plane: np.ndarray, factor, tmp: np.ndarray) ->
     tmp[...] = plane
     tmp *= factor
     acc += tmp
-
-
-def mask_from_bit_counts(sums: CellSums) -> np.ndarray | None:
-    """The OR mask implied by the per-bit counts (drops bits no input carries any more)."""
-    out = None
-    for bit, cnt in list(sums.bit_counts.items()):
-        if not cnt.any():
-            del sums.bit_counts[bit]
-            continue
-        if out is None:
-            out = sums.plane_zeros(np.int32)
-        out |= (cnt > 0).astype(np.int32) << bit
-    return out

@@ -8,7 +8,8 @@ in one background thread for the *next* file while the caller folds the current 
 
 At most ``depth`` warps are loaded ahead (each is a few hundred MB for a patch-sized warp),
 and every load runs in the same single thread, so loads never run concurrently with each
-other. Results, including rejections (:class:`~streamcoadd.errors.WarpRejected`), are
+other; within a load, a helper thread hashes the bytes and computes the weight while the
+loader parses and interpolates. Results, including rejections (:class:`~streamcoadd.errors.WarpRejected`), are
 handed back by :meth:`WarpLoader.take` exactly as a synchronous load would produce them.
 """
 
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 
 from .config import FoldConfig
 from .errors import WarpRejected
-from .fold import CellInput, PreparedWarp, prepare_warp, shard_inputs
+from .fold import (CellInput, PreparedWarp, good_variances, prepare_warp, shard_inputs,
+                   weight_from_variances)
 from .skymap import PatchId, SkyMap
 from .warp import _read_bytes, file_hash, read_warp
 
@@ -38,20 +40,39 @@ class LoadedWarp:
     rejection: WarpRejected | None = None
 
 
-def load_warp(path: str, skymap: SkyMap, fold: FoldConfig) -> LoadedWarp:
-    """Read, hash, validate and prepare one warp file (synchronously).
+def load_warp(path: str, skymap: SkyMap, fold: FoldConfig,
+              aux: ThreadPoolExecutor | None = None) -> LoadedWarp:
+    """Read, hash, validate and prepare one warp file. With ``aux`` (a one-thread pool),
+    the SHA-256 runs there while the FITS file is parsed, and the clipped-mean weight
+    (on its own copy of the good variances) while the bad pixels are interpolated.
     Raises :class:`WarpRejected` only if the file cannot be read at all."""
     data = _read_bytes(path)
-    h = file_hash(data)
+    hashing = aux.submit(file_hash, data) if aux is not None else None
+    h = None if hashing else file_hash(data)
     try:
         warp = read_warp(path, skymap, fold.bad_planes, fold.noise_realizations, data=data,
-                         content_hash=h)
-        del data  # the parsed arrays are copies; free the raw bytes before preparing
-        prepared = prepare_warp(warp, fold, consume=True).with_products()
+                         content_hash=h or "")
+    except WarpRejected as e:
+        return LoadedWarp(path, h or hashing.result(), rejection=e)
+    if hashing is not None:
+        h = warp.content_hash = hashing.result()
+    del data  # the parsed arrays are copies; free the raw bytes before preparing
+    try:
+        weight = warp.weight_override
+        weighing = None
+        if weight is None:
+            var = good_variances(warp, fold)  # a copy: interpolation may proceed meanwhile
+            if aux is not None:
+                weighing = aux.submit(weight_from_variances, var, path)
+            else:
+                weight = weight_from_variances(var, path)
+            del var
+        prepared = prepare_warp(warp, fold, consume=True, weight=float("nan"))
         tract = skymap.tract(warp.id.tract)
         inputs = {patch: shard_inputs(prepared, tract, patch, fold)
                   for patch in tract.patches_overlapping(warp.box)}
-        return LoadedWarp(path, h, prepared=prepared, inputs=inputs)
+        prepared.weight = weighing.result() if weighing is not None else weight
+        return LoadedWarp(path, h, prepared=prepared.with_products(), inputs=inputs)
     except WarpRejected as e:
         return LoadedWarp(path, h, rejection=e)
 
@@ -65,6 +86,9 @@ class WarpLoader:
         self.depth = max(0, depth)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="warp-loader") \
             if self.depth else None
+        # hashes and weighs while the loader parses and interpolates
+        self._aux = ThreadPoolExecutor(1, thread_name_prefix="warp-loader-aux") \
+            if self.depth else None
         self._ahead: OrderedDict[str, Future] = OrderedDict()
 
     def prefetch(self, path) -> None:
@@ -73,7 +97,8 @@ class WarpLoader:
         path = str(path)
         if self._pool is None or path in self._ahead or len(self._ahead) >= self.depth:
             return
-        self._ahead[path] = self._pool.submit(load_warp, path, self.skymap, self.fold)
+        self._ahead[path] = self._pool.submit(load_warp, path, self.skymap, self.fold,
+                                               self._aux)
 
     def take(self, path) -> LoadedWarp:
         """The loaded warp for ``path``: the prefetched result, or a load now."""
@@ -83,7 +108,7 @@ class WarpLoader:
             if self._pool is None:
                 return load_warp(path, self.skymap, self.fold)
             # through the loader thread, so that two loads never run at once
-            fut = self._pool.submit(load_warp, path, self.skymap, self.fold)
+            fut = self._pool.submit(load_warp, path, self.skymap, self.fold, self._aux)
         return fut.result()
 
     def discard(self) -> None:
@@ -102,4 +127,5 @@ class WarpLoader:
         self.discard()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-            self._pool = None
+            self._aux.shutdown(wait=True)
+            self._pool = self._aux = None
