@@ -47,6 +47,7 @@ import streamcoadd
 state, stop, out, priority = sys.argv[1:5]
 reads = passes = 0
 kw = {} if priority == "-" else {"priority": priority}
+seen = set()  # (nice, policy) observed while reading, once the daemon runs
 while not os.path.exists(stop):
     with streamcoadd.open_state(state, **kw) as st:
         for band in st.bands():
@@ -55,12 +56,14 @@ while not os.path.exists(stop):
                     break
                 if st.cell(cid, band) is not None:
                     reads += 1
+                if passes and reads % 50 == 0:
+                    seen.add((os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)))
     passes += 1
     if passes == 1:
         open(out + ".ready", "w").close()
-pol = {0: "", 5: ", SCHED_IDLE"}.get(os.sched_getscheduler(0), "")
+pol = {0: "", 5: " SCHED_IDLE"}
 json.dump({"reads": reads, "passes": passes,
-           "nice": f"{os.getpriority(os.PRIO_PROCESS, 0)}{pol}"},
+           "nice": "/".join(f"{n}{pol.get(p, '')}" for n, p in sorted(seen)) or "-"},
           open(out, "w"))
 '''
 
