@@ -18,7 +18,8 @@ the load average, and the machine's busy cores from ``/proc/stat`` minus what th
 and the readers used ("other load": jobs that are not part of the measurement).
 
     python3 scripts/bench_readers.py [--n 40] [--repeat 3] [--readers 0,1,2]
-        [--priority auto|normal|both] [--small] [--workdir DIR] [--keep] [--json OUT]
+        [--priority auto|normal|both] [--configs 0,1:auto,1:normal,2:auto] [--small]
+        [--workdir DIR] [--keep] [--json OUT]
 
 ``--priority`` is passed to the readers' ``open_state(..., priority=...)``: ``auto``
 (default) lets a reader lower its own CPU/IO priority while a writer holds the state;
@@ -46,6 +47,7 @@ import streamcoadd
 state, stop, out, priority = sys.argv[1:5]
 reads = passes = 0
 kw = {} if priority == "-" else {"priority": priority}
+seen = set()  # (nice, policy) observed while reading, once the daemon runs
 while not os.path.exists(stop):
     with streamcoadd.open_state(state, **kw) as st:
         for band in st.bands():
@@ -54,10 +56,14 @@ while not os.path.exists(stop):
                     break
                 if st.cell(cid, band) is not None:
                     reads += 1
+                if passes and reads % 50 == 0:
+                    seen.add((os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)))
     passes += 1
     if passes == 1:
         open(out + ".ready", "w").close()
-json.dump({"reads": reads, "passes": passes, "nice": os.getpriority(os.PRIO_PROCESS, 0)},
+pol = {0: "", 5: " SCHED_IDLE"}
+json.dump({"reads": reads, "passes": passes,
+           "nice": "/".join(f"{n}{pol.get(p, '')}" for n, p in sorted(seen)) or "-"},
           open(out, "w"))
 '''
 
@@ -199,6 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--readers", default="0,1,2")
     ap.add_argument("--priority", default="auto", choices=("auto", "normal", "both", "-"),
                     help="'-': call open_state without the argument (code before it existed)")
+    ap.add_argument("--configs", default=None,
+                    help="instead of --readers/--priority: e.g. 0,1:auto,1:normal,2:auto")
     ap.add_argument("--commit-every", type=int, default=8)
     ap.add_argument("--small", action="store_true", help="demo skymap warps (quick check)")
     ap.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
@@ -228,6 +236,9 @@ def main(argv=None) -> int:
 
     prios = ("auto", "normal") if a.priority == "both" else (a.priority,)
     configs = [(int(r), p) for r in a.readers.split(",") for p in prios if int(r) or p == prios[0]]
+    if a.configs:
+        configs = [(int(c.split(":")[0]), (c.split(":") + [prios[0]])[1])
+                   for c in a.configs.split(",")]
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "streamcoadd"],

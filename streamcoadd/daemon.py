@@ -509,14 +509,22 @@ class Daemon:
                     except Exception:  # noqa: BLE001
                         pass
                 os._exit(EXIT_OK)
+            # Only set flags here: a handler runs in the main thread between two bytecodes,
+            # possibly while that thread holds the (non-reentrant) lock of self.wake inside
+            # Event.wait -- calling wake.set() from here deadlocked the daemon on SIGTERM now
+            # and then. Every wait of the main loop is at most 1 s, so the flag is seen
+            # within a second.
             self.stop_requested = True
             self.stop_signal = name
-            self.wake.set()
 
+        def on_hup(signum, frame):
+            self._rescan_requested = True  # same rule: no locks in a handler
+
+        self._rescan_requested = False
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda s, f: self.inbox and self.inbox.request_rescan())
+            signal.signal(signal.SIGHUP, on_hup)
 
     # ---------------------------------------------------------------- main
     def run(self) -> int:
@@ -572,6 +580,9 @@ class Daemon:
                 idle_since = None
                 continue
             self.notify.ping()
+            if self._rescan_requested:
+                self._rescan_requested = False
+                self.inbox.request_rescan()
             self.inbox.ensure_alive()
             self.inbox.refresh()
             name = self.inbox.next_ready()

@@ -20,8 +20,8 @@ independently: reading one cell opens only the manifest and that cell's file, so
 cells of one patch may come from different commits while a writer is active.
 
 Priority: a reader must not slow the daemon down. ``open_state(path)`` (``priority="auto"``,
-the default) lowers the calling process's CPU priority (nice 19) and I/O priority
-(best-effort, level 7) if a writer (``watch`` or ``ingest``) holds the state's writer lock
+the default) lowers the calling process's CPU priority (``SCHED_IDLE``, nice 19) and I/O
+priority (idle class) if a writer (``watch`` or ``ingest``) holds the state's writer lock
 at that moment; the read-only commands (``finalize``, ``status``, ``plot``, ``verify``) do
 the same. ``priority="normal"`` (``--priority normal``) opts out, ``"low"`` always lowers.
 Closing the last lowered ``State`` restores the previous priority where the system allows
@@ -663,8 +663,8 @@ class TractView:
 PRIORITIES = ("auto", "low", "normal")
 READER_NICE = 19  # CPU: the lowest priority; a reader runs on what the writer leaves
 _IOPRIO_CLASS_SHIFT = 13
-_IOPRIO_CLASS_BE = 2  # best-effort, level 7 (the lowest); not "idle", which can starve
-_IOPRIO_READER = (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7
+_IOPRIO_CLASS_IDLE = 3  # served when the disk has nothing else to do (mq-deadline ages
+_IOPRIO_READER = _IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT  # such requests: no starvation)
 _IOPRIO_WHO_PROCESS = 1  # with a thread id: that thread
 _SYS_IOPRIO = {"x86_64": (251, 252), "aarch64": (30, 31), "i686": (289, 290),
                "ppc64le": (273, 274), "s390x": (282, 283), "riscv64": (30, 31)}
@@ -723,8 +723,13 @@ def _threads() -> list[int]:
         return [0]
 
 
-def _set_all(nice: int | None, ioprio: int | None) -> None:
+def _set_all(nice: int | None, ioprio: int | None, policy: int | None = None) -> None:
     for tid in _threads():
+        if policy is not None and hasattr(os, "sched_setscheduler"):
+            try:  # SCHED_IDLE: runs only on CPU time nothing else wants (weight 3 < nice 19)
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+            except OSError:
+                pass
         if nice is not None:
             try:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
@@ -736,7 +741,8 @@ def _set_all(nice: int | None, ioprio: int | None) -> None:
 
 def current_priority() -> dict:
     """This thread's ``nice`` and I/O priority (``ioprio`` as the kernel encodes it)."""
-    return {"nice": os.getpriority(os.PRIO_PROCESS, 0), "ioprio": _ioprio(0)}
+    return {"nice": os.getpriority(os.PRIO_PROCESS, 0), "ioprio": _ioprio(0),
+            "policy": os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None}
 
 
 def set_default_priority(priority: str) -> None:
@@ -760,7 +766,8 @@ def lower_priority_for(root: str | Path, priority: str | None = None) -> bool:
         if _lowered["depth"] == 0:
             saved = current_priority()
             _lowered["saved"] = saved
-            _set_all(max(saved["nice"], READER_NICE), _IOPRIO_READER)
+            _set_all(max(saved["nice"], READER_NICE), _IOPRIO_READER,
+                     getattr(os, "SCHED_IDLE", None))
         _lowered["depth"] += 1
     return True
 
@@ -774,7 +781,7 @@ def restore_priority() -> None:
         _lowered["depth"] -= 1
         if _lowered["depth"] == 0 and _lowered["saved"] is not None:
             saved, _lowered["saved"] = _lowered["saved"], None
-            _set_all(saved["nice"], saved["ioprio"])
+            _set_all(saved["nice"], saved["ioprio"], saved["policy"])
 
 
 class State:

@@ -214,7 +214,8 @@ for band in st.bands():
 db = st.store.ledger.db
 db.execute("BEGIN")
 db.execute("SELECT count(*) FROM warps").fetchone()     # an open read transaction
-json.dump({"held": [h[0] for h in held], "nice": os.getpriority(os.PRIO_PROCESS, 0)},
+json.dump({"held": [h[0] for h in held], "nice": os.getpriority(os.PRIO_PROCESS, 0),
+           "policy": os.sched_getscheduler(0)},
           open(ready + ".tmp", "w"))
 os.rename(ready + ".tmp", ready)
 time.sleep(600)
@@ -283,6 +284,8 @@ def test_readers_inside_a_read_do_not_block_the_daemon(tmp_path):
     own = os.getpriority(os.PRIO_PROCESS, 0)
     assert before["nice"] == own          # no writer when it opened: untouched
     assert auto["nice"] == max(own, 19)   # opened while the daemon runs: lowest priority
+    assert auto["policy"] == os.SCHED_IDLE and before["policy"] == normal["policy"] \
+        == os.sched_getscheduler(0)
     assert normal["nice"] == own          # opted out
     from streamcoadd.verify import verify_state
 
