@@ -482,7 +482,8 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
             cnt = sums.bit_counts.get(bit)
             if cnt is None:
                 cnt = sums.bit_counts[bit] = sums.plane_zeros(np.int32)
-            has_bit = (or_mask >> bit) & 1
+            # one bit in the cell (the usual case): its pixels are the non-zero ones
+            has_bit = or_mask != 0 if bits == 1 << bit else (or_mask >> bit) & 1
             if sign > 0:
                 cnt[cs] += has_bit
             else:
