@@ -3,8 +3,8 @@
 ``Ingestor.submit(path)`` reads, validates and folds one warp in memory; ``commit()``
 makes every pending warp durable at once. Callers (``ingest``, the daemon) must keep a
 warp's file until ``commit()`` has returned its outcome: the files are the replay log.
-``Ingestor.prefetch(next_path)`` before ``submit(path)`` reads and prepares the next file
-on a second core meanwhile (``RunConfig.prefetch``; see :mod:`streamcoadd.loader`).
+``Ingestor.submit(path, then=next_path)`` reads and prepares the next file on a second
+core while ``path`` folds (``RunConfig.prefetch``; see :mod:`streamcoadd.loader`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from .fold import CellInput, PreparedWarp, fold_cell, shard_inputs  # noqa: F401
 from .ledger import WarpRecord
 from .loader import WarpLoader
 from .memory import retain_freed_memory
-
 from .state import Shard, StateStore
 from .warp import WarpId
 

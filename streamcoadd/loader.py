@@ -15,6 +15,7 @@ handed back by :meth:`WarpLoader.take` exactly as a synchronous load would produ
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,15 @@ class LoadedWarp:
     prepared: PreparedWarp | None = None
     inputs: dict[PatchId, list[CellInput]] = field(default_factory=dict)
     rejection: WarpRejected | None = None
+    signature: tuple | None = None  # (inode, size, mtime) of the file before it was read
+
+
+def file_signature(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def load_warp(path: str, skymap: SkyMap, fold: FoldConfig,
@@ -46,6 +56,7 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig,
     the SHA-256 runs there while the FITS file is parsed, and the clipped-mean weight
     (on its own copy of the good variances) while the bad pixels are interpolated.
     Raises :class:`WarpRejected` only if the file cannot be read at all."""
+    signature = file_signature(path)  # before reading: a later change shows as a mismatch
     data = _read_bytes(path)
     hashing = aux.submit(file_hash, data) if aux is not None else None
     h = None if hashing else file_hash(data)
@@ -53,7 +64,7 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig,
         warp = read_warp(path, skymap, fold.bad_planes, fold.noise_realizations, data=data,
                          content_hash=h or "")
     except WarpRejected as e:
-        return LoadedWarp(path, h or hashing.result(), rejection=e)
+        return LoadedWarp(path, h or hashing.result(), rejection=e, signature=signature)
     if hashing is not None:
         h = warp.content_hash = hashing.result()
     del data  # the parsed arrays are copies; free the raw bytes before preparing
@@ -72,9 +83,10 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig,
         inputs = {patch: shard_inputs(prepared, tract, patch, fold)
                   for patch in tract.patches_overlapping(warp.box)}
         prepared.weight = weighing.result() if weighing is not None else weight
-        return LoadedWarp(path, h, prepared=prepared.with_products(), inputs=inputs)
+        return LoadedWarp(path, h, prepared=prepared.with_products(), inputs=inputs,
+                          signature=signature)
     except WarpRejected as e:
-        return LoadedWarp(path, h, rejection=e)
+        return LoadedWarp(path, h, rejection=e, signature=signature)
 
 
 class WarpLoader:
@@ -104,12 +116,20 @@ class WarpLoader:
         """The loaded warp for ``path``: the prefetched result, or a load now."""
         path = str(path)
         fut = self._ahead.pop(path, None)
-        if fut is None:
-            if self._pool is None:
-                return load_warp(path, self.skymap, self.fold)
-            # through the loader thread, so that two loads never run at once
-            fut = self._pool.submit(load_warp, path, self.skymap, self.fold, self._aux)
-        return fut.result()
+        if fut is not None:
+            try:
+                loaded = fut.result()
+            except WarpRejected:  # unreadable then; look again now
+                loaded = None
+            # The file must still be the one that was read ahead (a re-delivery may have
+            # replaced it meanwhile): else it is read again.
+            if loaded is not None and loaded.signature is not None \
+                    and loaded.signature == file_signature(path):
+                return loaded
+        if self._pool is None:
+            return load_warp(path, self.skymap, self.fold)
+        # through the loader thread, so that two loads never run at once
+        return self._pool.submit(load_warp, path, self.skymap, self.fold, self._aux).result()
 
     def discard(self) -> None:
         """Forget loads that will not be taken (waits for the one running)."""

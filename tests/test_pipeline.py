@@ -129,3 +129,34 @@ def test_plane_encodings_round_trip(tmp_path, plane, want):
         back = load_plane(f["x"])
         assert f["x"].attrs.get("encoding", "dense") == want
     assert back.dtype == plane.dtype and np.array_equal(back, plane)
+
+
+def test_a_file_replaced_after_it_was_read_ahead_is_read_again(warps, tmp_path):
+    """The loader reads the next file early; if a re-delivery replaces it before it is
+    taken, what is folded must be the new content (never the stale bytes)."""
+    import hashlib
+    import os
+
+    from streamcoadd.config import FoldConfig
+    from streamcoadd.loader import WarpLoader
+
+    _, _, good = warps
+    target = tmp_path / "next.fits"
+    target.write_bytes(good[0].read_bytes())
+    loader = WarpLoader(SKYMAP, FoldConfig(), depth=1)
+    try:
+        loader.prefetch(target)
+        first = loader._ahead[str(target)].result()  # read ahead, done
+        assert first.content_hash == hashlib.sha256(good[0].read_bytes()).hexdigest()
+        tmp = tmp_path / "next.fits.tmp"
+        tmp.write_bytes(good[1].read_bytes())
+        os.replace(tmp, target)  # a re-delivery under the same name
+        got = loader.take(target)
+        assert got.content_hash == hashlib.sha256(good[1].read_bytes()).hexdigest()
+        assert got.prepared.warp.id != first.prepared.warp.id
+        # unchanged file: the read-ahead result itself is used
+        loader.prefetch(good[2])
+        ahead = loader._ahead[str(good[2])].result()
+        assert loader.take(good[2]) is ahead
+    finally:
+        loader.close()
