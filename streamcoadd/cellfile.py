@@ -41,7 +41,6 @@ CONTRIBUTOR_DTYPE = np.dtype([
     ("physical_filter", "S32"), ("mjd", "<f8"),
 ])
 
-PLANE_DATASETS = ("sum_w", "sum_wI", "sum_w2var", "sum_w_interp", "mask_or")
 INDEX_DTYPE = np.dtype("<i4")
 
 

@@ -445,7 +445,7 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
         if sums.w_partial is None:
             sums.w_partial = sums.plane_zeros(np.float64)
         sums.w_partial[cs] += wv
-    tmp = np.empty(part.shape, np.float64)
+    tmp = np.empty(part.shape, np.float64) if pw.w_image is None or pw.noise else None
     if pw.w_image is not None:
         # w·I, w²·var precomputed (0 outside valid: those pixels were zeroed)
         for acc, prod in ((sums.sum_wI[cs], pw.w_image[ws]),

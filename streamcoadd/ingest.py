@@ -54,12 +54,6 @@ class Ingestor:
         self._pending: list[Outcome] = []
         self._first_pending_at: float | None = None
 
-    def prefetch(self, path) -> None:
-        """Start reading and preparing ``path`` in the background (the file that will be
-        submitted next); a no-op when prefetching is off or one is already waiting.
-        ``submit(path, then=next_path)`` does this at the right moment."""
-        self.loader.prefetch(path)
-
     def close(self) -> None:
         """Stop the loader thread (pending work is not committed: call commit first)."""
         self.loader.close()

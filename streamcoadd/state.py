@@ -335,7 +335,7 @@ class StateStore:
         shard's manifest is replaced, one shard after the other."""
         changed = [s for s in self.shards.values() if s.changed]
         try:
-            if self.commit_processes > 1 and not self.shard_locking and len(changed) > 0:
+            if self.commit_processes > 1 and not self.shard_locking:
                 plans = [self._plan_shard(s) for s in changed]
                 jobs = [job for plan in plans for job in plan.jobs]
                 write_cells_parallel(jobs, self.commit_processes)
