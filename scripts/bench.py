@@ -15,6 +15,9 @@ process, one at a time, reading the same warp files from the page cache:
 * the floor: the same cell math in memory with plain numpy, batch (scripts/bench_floor.py),
   checked against our coadd cell by cell; and the same with streamcoadd's own fold
   functions but no persistence;
+* the bound: the spec-mandated work per warp alone (read, SHA-256, parse + validate,
+  clipped-mean weight; scripts/bench_bound.py), single thread, and the input Mpix/s it
+  allows on all cores with nothing else done;
 * Montage ``mAdd`` and SWarp (``COMBINE_TYPE WEIGHTED``, ``RESAMPLE N``,
   ``SUBTRACT_BACK N``, weight maps), inputs converted outside the timed region, outputs
   compared with ours where the cell rules do not matter;
@@ -240,6 +243,20 @@ def bench_n(n, warps, work, geo, args, peers) -> dict:
         _, of = best_of(args.repeat, lambda last: one_floor(last, ours=True))
         res["ours_fold"] = of
 
+    # --- the bound: spec-mandated work per warp alone, single thread
+    log(f"N={n}: bound (mandatory per-warp work)")
+
+    def one_bound(last):
+        r = run([PY, SCRIPTS / "bench_bound.py", *subset, "--skymap", skymap_path,
+                 "--json", d / "bound.json"], out=d / "bound.log")
+        b = json.loads((d / "bound.json").read_text())
+        b["e2e_s"] = b["mandatory_s"]  # best of: the least mandatory time per warp
+        b.update(foreign_cores=r["foreign_cores"], cpu_s_process=r["cpu_s"],
+                 maxrss_mb_process=r["maxrss_mb"])
+        return r, b
+
+    res["bound"] = best_of(args.repeat, one_bound)[1]
+
     # --- peers
     res["peers"] = {}
     if not args.no_peers and any(peers.values()):
@@ -307,6 +324,10 @@ def bench_n(n, warps, work, geo, args, peers) -> dict:
     if "madd" in res["peers"]:
         m = res["input_mpix"] / res["peers"]["madd"]["wall_s"]
         res["ratios"].update(madd_mpix_s=m, ours_over_madd_mpix=res["ratios"]["ours_mpix_s"] / m)
+        if "bound" in res:
+            res["ratios"]["bound_over_madd_mpix"] = res["bound"]["bound_mpix_s"] / m
+    if "bound" in res:
+        res["ratios"]["bound_mpix_s"] = res["bound"]["bound_mpix_s"]
     for k, v in res["peers"].items():
         if k.startswith("swarp"):
             res["ratios"][f"{k}_mpix_s"] = res["input_mpix"] / v["wall_s"]
@@ -384,6 +405,13 @@ def table(results, daemon) -> str:
         row(f"SWarp (NTHREADS={th}) input Mpix/s", "", lambda r, k=k: r["ratios"][k], ".2f")
     row("**ours Mpix/s / mAdd Mpix/s**", f"≥ {T['ours_over_madd_mpix']}",
         lambda r: r["ratios"]["ours_over_madd_mpix"], ".3f", False, T["ours_over_madd_mpix"])
+    row("spec-mandated work per warp (read + SHA-256 + parse + clipped weight), CPU s", "",
+        lambda r: r["bound"]["mandatory_s"], ".3f")
+    row("upper bound on input Mpix/s (all cores, nothing else)", "",
+        lambda r: r["ratios"]["bound_mpix_s"], ".1f")
+    row("**bound / mAdd** (ours / mAdd cannot exceed it)",
+        f"target for ours: ≥ {T['ours_over_madd_mpix']}",
+        lambda r: r["ratios"]["bound_over_madd_mpix"], ".3f")
     row("**per-warp time, last ¼ / first ¼** (fold + amortised commit)",
         f"≤ {T['last_over_first_quarter']}", lambda r: r["ingest"]["quarter_ratio"], ".2f",
         True, T["last_over_first_quarter"])
@@ -463,6 +491,38 @@ def breakdown_tables(results) -> str:
     return "\n".join(out) + "\n"
 
 
+def bound_table(results) -> str:
+    """Per-step medians of the spec-mandated work per warp (scripts/bench_bound.py)."""
+    if not all("bound" in r for r in results):
+        return "(bound not measured)\n"
+    ms = lambda v: fmt(v * 1e3 if v is not None else None, ".1f")  # noqa: E731
+    out = ["| step, one warp, single thread (median ms) | mandatory | "
+           + " | ".join(f"N = {r['n']}" for r in results) + " |",
+           "|---|---|" + "---|" * len(results)]
+    steps = [("read", "read the file's bytes", "yes"),
+             ("hash", "SHA-256 of the bytes (content hash: replay / dedup key)", "yes"),
+             ("parse", "parse + validate the FITS file", "yes"),
+             ("good_variances", "weight: good variances (copy)", "yes"),
+             ("clip", "weight: 3σ, 2-iteration clipped mean, float64", "yes"),
+             ("prepare", "interpolate bad pixels, mask planes (`prepare_warp`)", "no"),
+             ("shard", "overlap rule, every patch overlapped (`shard_inputs`)", "no")]
+    for k, name, mand in steps:
+        out.append(f"| {name} | {mand} | " + " | ".join(
+            ms(r["bound"]["median_s"].get(k)) for r in results) + " |")
+    b = [r["bound"] for r in results]
+    out.append("| **mandatory sum** (read + hash + parse + weight) | | "
+               + " | ".join(f"**{ms(x['mandatory_s'])}**" for x in b) + " |")
+    out.append("| &nbsp;&nbsp;thread CPU time of the same steps (cross-check) | | "
+               + " | ".join(ms(x.get("mandatory_cpu_s")) for x in b) + " |")
+    out.append("| &nbsp;&nbsp;first warp (page faults; not in the medians) | | "
+               + " | ".join(ms(x["first_warp_s"]["mandatory"]) for x in b) + " |")
+    out.append("| cores × Mpix per warp / mandatory sum = **bound (input Mpix/s)** | | "
+               + " | ".join(f"{x['cores']} × {x['mpix_per_warp']:.2f} / "
+                            f"{fmt(x['mandatory_s'], '.3f')} s = "
+                            f"**{fmt(x['bound_mpix_s'], '.1f')}**" for x in b) + " |")
+    return "\n".join(out) + "\n"
+
+
 def correctness(results) -> str:
     out = ["| check | " + " | ".join(f"N = {r['n']}" for r in results) + " |",
            "|---|" + "---|" * len(results)]
@@ -533,7 +593,8 @@ def plot(results, png):
     a1.set_ylim(bottom=0)
     a1.legend(fontsize=7)
     names = [("ours_mpix_s", "streamcoadd ingest"), ("floor_mpix_s", "floor (numpy, memory)"),
-             ("madd_mpix_s", "Montage mAdd")]
+             ("madd_mpix_s", "Montage mAdd"),
+             ("bound_mpix_s", "bound: mandatory work\nonly, all cores")]
     names += sorted({(k, f"SWarp NTHREADS={k.split('_t')[1].split('_')[0]}")
                      for r in results for k in r["ratios"] if k.startswith("swarp")})
     width = 0.8 / len(results)
@@ -650,6 +711,15 @@ def report(results, daemon, prof, env, cmd, args, png_name, geo, gen_s) -> str:
     out.append("The floor's own split (independent numpy implementation):")
     out.append("")
     out.append(breakdown_tables(results))
+    out.append("The work the spec makes mandatory for every warp before it can be folded "
+               "anywhere, whatever the accumulator design (`scripts/bench_bound.py`: one "
+               "fresh process, malloc tuned as ingest does, each step timed alone on one "
+               "thread; medians over the warps after the first). Dividing the warp's pixels "
+               "by it, times the number of cores, bounds the input Mpix/s of any "
+               "implementation that does this work, assuming perfect parallelism and "
+               "nothing else done (no interpolation, no accumulation, no persistence):")
+    out.append("")
+    out.append(bound_table(results))
     out.append("## Correctness of the comparison")
     out.append("")
     out.append("The floor is an independent implementation of the same rules; its coadd is "
@@ -674,6 +744,10 @@ def report(results, daemon, prof, env, cmd, args, png_name, geo, gen_s) -> str:
         r2["floor"]["per_warp_s"] = [round(x, 3) for x in r2["floor"]["per_warp_s"]]
         if "ours_fold" in r2:
             r2["ours_fold"]["per_warp_s"] = [round(x, 3) for x in r2["ours_fold"]["per_warp_s"]]
+        for p in r2.get("bound", {}).get("per_warp", []):
+            for k in p:
+                if isinstance(p[k], float) and k != "weight_value":
+                    p[k] = round(p[k], 4)
         slim.append(r2)
     d2 = dict(daemon or {})
     d2.pop("log_tail", None)
