@@ -36,6 +36,8 @@ def test_bench_small_runs_and_reports(tmp_path):
     assert "python3 scripts/bench.py --small" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert any("ingest / floor" in line for line in table)
+    assert any(line.startswith("| upper bound on input Mpix/s") for line in table)
+    assert any("**mandatory sum**" in line for line in table)
     assert not any(re.search(r"\bnan\b|\binf\b", line, re.I) for line in table), table
 
     # the numbers behind it
@@ -54,10 +56,23 @@ def test_bench_small_runs_and_reports(tmp_path):
         for k in ("ingest_over_floor", "ours_mpix_s", "floor_mpix_s"):
             assert _finite_positive(r["ratios"][k]), k
         assert math.isfinite(ing["quarter_ratio"])
+        # the bound from the spec-mandated work per warp (scripts/bench_bound.py)
+        b = r["bound"]
+        assert len(b["per_warp"]) == r["n"] and b["cores"] >= 1
+        for k in ("read", "hash", "parse", "good_variances", "clip", "weight", "prepare",
+                  "shard"):
+            assert _finite_positive(b["median_s"][k]), k
+        assert math.isclose(b["mandatory_s"], sum(b["median_s"][k] for k in
+                                                  ("read", "hash", "parse", "weight")))
+        assert _finite_positive(b["mandatory_s"]) and _finite_positive(b["mpix_per_warp"])
+        assert abs(b["mpix_per_warp"] * r["n"] - r["input_mpix"]) < 1e-6 * r["input_mpix"]
+        assert all(p["cells"] > 0 for p in b["per_warp"])
+        assert _finite_positive(r["ratios"]["bound_mpix_s"])
         fin = r["finalize"]
         assert _finite_positive(fin["cell"]["cold_total_s"]) and fin["cell"]["n_inputs"] > 0
         assert _finite_positive(fin["patch"]["patch_s"]) and fin["patch"]["rc"] == 0
         peers = r["peers"]
         if "madd" in peers:  # when Montage is installed
             assert _finite_positive(r["ratios"]["ours_over_madd_mpix"])
+            assert _finite_positive(r["ratios"]["bound_over_madd_mpix"])
             assert math.isfinite(peers["compare"]["madd"]["max_rel_diff"])
