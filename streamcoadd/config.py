@@ -68,7 +68,7 @@ class FoldConfig:
 class RunConfig:
     """How a process folds and commits; may change between runs."""
 
-    commit_every: int = 16  # warps folded in memory per durable commit
+    commit_every: int = 64  # warps folded in memory per durable commit
     commit_interval: float = 30.0  # s; a commit happens at least this often while folding
     cache_gb: float = 2.0  # bound on accumulators held in memory (GB)
     prefetch: int = 1  # warps read and prepared ahead on a second thread (0: off)

@@ -101,8 +101,8 @@ def warp_weight(warp: Warp, config: FoldConfig) -> float:
 def good_variances(warp: Warp, config: FoldConfig) -> np.ndarray:
     """The finite variances of the good pixels (a new 1-D array)."""
     good = (warp.mask & (NO_DATA | bitmask(config.bad_planes))) == 0
-    var = warp.variance[good]
-    return var[np.isfinite(var)]
+    good &= np.isfinite(warp.variance)
+    return warp.variance[good]
 
 
 def weight_from_variances(var: np.ndarray, path: str) -> float:

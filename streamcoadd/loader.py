@@ -83,8 +83,7 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig,
         inputs = {patch: shard_inputs(prepared, tract, patch, fold)
                   for patch in tract.patches_overlapping(warp.box)}
         prepared.weight = weighing.result() if weighing is not None else weight
-        return LoadedWarp(path, h, prepared=prepared.with_products(), inputs=inputs,
-                          signature=signature)
+        return LoadedWarp(path, h, prepared=prepared, inputs=inputs, signature=signature)
     except WarpRejected as e:
         return LoadedWarp(path, h, rejection=e, signature=signature)
 
@@ -113,8 +112,16 @@ class WarpLoader:
                                                self._aux)
 
     def take(self, path) -> LoadedWarp:
-        """The loaded warp for ``path``: the prefetched result, or a load now."""
-        path = str(path)
+        """The loaded warp for ``path`` (the prefetched result, or a load now), with the
+        float64 products ``w·I``, ``w²·var`` computed. They are computed here, in the
+        caller's thread, not ahead: the caller has released the previous warp's products
+        by now, so two sets (185 MB each for a patch warp) are never held at once."""
+        loaded = self._take(str(path))
+        if loaded.prepared is not None:
+            loaded.prepared.with_products()
+        return loaded
+
+    def _take(self, path: str) -> LoadedWarp:
         fut = self._ahead.pop(path, None)
         if fut is not None:
             try:
