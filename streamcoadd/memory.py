@@ -15,6 +15,7 @@ import ctypes.util
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+_INT_MAX = 2**31 - 1
 _done = False
 
 
@@ -27,7 +28,9 @@ def retain_freed_memory(max_block: int = 1 << 30) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, max_block) == 1
-        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 62) == 1 if ok else False
+        # (mallopt takes a C int: ctypes masks larger values, and 1 << 62 became 0, which
+        # trimmed the heap at every free; INT_MAX = 2 GB of free heap before a trim)
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1 if ok else False
         # One arena for all threads: a thread's own arena is capped at 64 MB heaps, so a
         # warp loaded in a background thread would be mmap'ed (and faulted in) afresh.
         ok &= libc.mallopt(_M_ARENA_MAX, 1) == 1 if ok else False
