@@ -78,16 +78,31 @@ def _busy_s() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def run(cmd, *, cwd=None, env=None, out=None, check=True):
+def warm(paths) -> None:
+    """Read ``paths`` (files, or directories: every file below) once, untimed, so that the
+    contender reads them from the page cache. Just-written files are not reliably still
+    there: this VM reclaims page cache proactively (kdamond), and a contender that finds
+    its inputs evicted waits on the disk (seen: N = 8 ingest 12 s instead of 8 s)."""
+    for p in map(Path, paths):
+        files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(1 << 23):
+                    pass
+
+
+def run(cmd, *, cwd=None, env=None, out=None, check=True, inputs=()):
     """Run ``cmd`` in a fresh process; returns wall time, CPU time, peak RSS (MB), exit
     code, and ``foreign_cores``: the average number of cores busy with *other* processes
-    meanwhile (the machine may be shared; more than ~0.2 means the timing is disturbed)."""
+    meanwhile (the machine may be shared; more than ~0.2 means the timing is disturbed).
+    ``inputs``: files or directories read once first (:func:`warm`), untimed."""
     out = Path(out) if out else Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
     env = dict(os.environ if env is None else env)
     env.setdefault("PYTHONPATH", str(ROOT))
     # the previous step's dirty pages (generated warps, a state) must not be written back
     # while this one runs: flush them first
     os.sync()
+    warm(inputs)
     with open(out, "w") as f:
         b0 = _busy_s()
         t0 = time.perf_counter()
@@ -194,7 +209,7 @@ def bench_n(n, warps, work, geo, args, peers) -> dict:
         shutil.rmtree(state, ignore_errors=True)
         run([PY, "-m", "streamcoadd", "init", state, "--skymap", skymap_path])
         r = run([PY, SCRIPTS / "bench_ingest.py", state, wdir, "--json", d / "ingest.json"],
-                out=d / "ingest.log")
+                out=d / "ingest.log", inputs=subset)
         return r, json.loads((d / "ingest.json").read_text())
 
     log(f"N={n}: ingest")
@@ -225,7 +240,8 @@ def bench_n(n, warps, work, geo, args, peers) -> dict:
         name = "oursfold" if ours else "floor"
         extra = ["--ours-fold"] if ours else (["--check", state] if last else [])
         r = run([PY, SCRIPTS / "bench_floor.py", *subset, "--skymap", skymap_path, "--tract",
-                 tract.id, "--json", d / f"{name}.json", *extra], out=d / f"{name}.log")
+                 tract.id, "--json", d / f"{name}.json", *extra], out=d / f"{name}.log",
+                inputs=subset)
         fl = json.loads((d / f"{name}.json").read_text())
         fl["e2e_s"] = fl["import_s"] + fl["total_s"]
         fl.update(maxrss_mb_process=r["maxrss_mb"], foreign_cores=r["foreign_cores"],
@@ -248,7 +264,7 @@ def bench_n(n, warps, work, geo, args, peers) -> dict:
 
     def one_bound(last):
         r = run([PY, SCRIPTS / "bench_bound.py", *subset, "--skymap", skymap_path,
-                 "--json", d / "bound.json"], out=d / "bound.log")
+                 "--json", d / "bound.json"], out=d / "bound.log", inputs=subset)
         b = json.loads((d / "bound.json").read_text())
         b["e2e_s"] = b["mandatory_s"]  # best of: the least mandatory time per warp
         b.update(foreign_cores=r["foreign_cores"], cpu_s_process=r["cpu_s"],
@@ -269,7 +285,7 @@ def bench_n(n, warps, work, geo, args, peers) -> dict:
             tbl = pd / "images.tbl"
             def one_madd(last):
                 r = run(["mAdd", "-p", pd / "img", tbl, pd / "template.hdr",
-                         pd / "coadd_madd.fits"], out=d / "madd.log")
+                         pd / "coadd_madd.fits"], out=d / "madd.log", inputs=[pd / "img"])
                 if "ERROR" in r["log"]:
                     raise RuntimeError(f"mAdd: {r['log']}")
                 return r, dict(e2e_s=r["wall_s"], wall_s=r["wall_s"], cpu_s=r["cpu_s"],
@@ -283,7 +299,7 @@ def bench_n(n, warps, work, geo, args, peers) -> dict:
                          pd / "coadd_swarp.fits", "--threads", th], out=d / "swarpcmd.log")
                 cmd = json.loads((pd / "swarp_cmd.json").read_text())
                 def one_swarp(last, cmd=cmd, th=th):
-                    r = run(cmd, cwd=pd, out=d / f"swarp{th}.log")
+                    r = run(cmd, cwd=pd, out=d / f"swarp{th}.log", inputs=[pd / "img"])
                     return r, dict(e2e_s=r["wall_s"], wall_s=r["wall_s"], cpu_s=r["cpu_s"],
                                    maxrss_mb=r["maxrss_mb"], threads=th,
                                    foreign_cores=r["foreign_cores"])
@@ -668,7 +684,8 @@ def report(results, daemon, prof, env, cmd, args, png_name, geo, gen_s) -> str:
                f"({results[0]['cell_mpix'] / results[0]['input_mpix']:.1f}× the input pixels).")
     out.append("")
     out.append("Every contender runs alone in a fresh process and reads the same files from the "
-               "page cache (they were just written; the machine has enough RAM to keep them). "
+               "page cache (each contender's input files are read once, untimed, right before "
+               "its run: this VM reclaims page cache proactively). "
                "Times are wall clock; Python times include imports. Peak RSS is `ru_maxrss` "
                "from `wait4` on the process. Peers' inputs (single-HDU image with bad/NO_DATA "
                "pixels zeroed + weight map w·good, w = our scalar weight) are written before "
