@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +228,6 @@ def reference_coadd(paths, skymap: SkyMap, fold_config: FoldConfig = FoldConfig(
     nrz = cfg.noise_realizations if noise_realizations is None else noise_realizations
     bad_bits = bits_of(cfg.bad_planes)
     keep_bits = 0xFFFFFFFF & ~(bad_bits | bits_of(cfg.drop_planes) | NO_DATA_BIT)
-    g = skymap.cells
     n_psf = cfg.psf_size
 
     warps: dict = {}

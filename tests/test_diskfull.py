@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
