@@ -1,8 +1,18 @@
 """streamcoadd: streaming, crash-safe cell-based coadds with persistent HDF5 accumulators."""
 
-from .reader import CellView, PatchView, State, TractView, open_state
 from .skymap import Box, CellId, PatchId, load_skymap
 
 __all__ = ["open_state", "State", "TractView", "PatchView", "CellView", "load_skymap", "Box",
            "CellId", "PatchId"]
 __version__ = "0.1.0"
+
+_READER = ("open_state", "State", "TractView", "PatchView", "CellView")
+
+
+def __getattr__(name: str):
+    # The reader API (astropy.table, finalize) is imported on first use, so that the CLI's
+    # writers (ingest, watch) start without it: ~0.3 s less per command.
+    if name in _READER:
+        from . import reader
+        return getattr(reader, name)
+    raise AttributeError(f"module 'streamcoadd' has no attribute {name!r}")

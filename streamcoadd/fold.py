@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.stats import SigmaClip
-from scipy import ndimage
 
 from .config import FoldConfig
 from .errors import WarpRejected
@@ -198,6 +197,7 @@ def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
     if orphan.any():
         if not good_flat.size:
             return out  # nothing to interpolate from: the bad pixels keep their values
+        from scipy import ndimage  # (rare: imported only when needed, ~0.2 s)
         _, (ny, nx) = ndimage.distance_transform_edt(~good, return_indices=True)
         oy, ox = ys[orphan], xs[orphan]
         lxc[orphan] = rxc[orphan] = nx[oy, ox]
