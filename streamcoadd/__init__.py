@@ -11,7 +11,7 @@ _READER = ("open_state", "State", "TractView", "PatchView", "CellView")
 
 def __getattr__(name: str):
     # The reader API (astropy.table, finalize) is imported on first use, so that the CLI's
-    # writers (ingest, watch) start without it: ~0.3 s less per command.
+    # writers (ingest, watch) start without it: ~0.25 s less per command.
     if name in _READER:
         from . import reader
         return getattr(reader, name)

@@ -63,7 +63,8 @@ class PreparedWarp:
         """Precompute ``w·I`` and ``w²·var`` in float64 once for the whole warp (a warp
         pixel falls into up to ~4 cells with their borders) and drop the float32 planes.
         The per-cell sums are then bit-identical to computing the products per cell.
-        Pure numpy: the loader thread does this on the second core."""
+        Called by :meth:`WarpLoader.take <streamcoadd.loader.WarpLoader.take>` when the
+        warp is about to fold, so that only one warp's products are held at a time."""
         if self.w_image is None:
             w = np.float64(self.weight)
             self.w_image = self.image.astype(np.float64)
