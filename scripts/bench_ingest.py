@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamcoadd import cli  # noqa: E402
+from streamcoadd.memory import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # as cli.main does first: before the sampler thread below exists
 from streamcoadd.ingest import Ingestor  # noqa: E402
 
 events: list[dict] = []

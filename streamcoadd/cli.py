@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import FoldConfig, RunConfig, load_toml
 from .errors import NoWorkFound, UserError
+from .memory import retain_freed_memory
 from .skymap import load_skymap
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "streamcoadd.toml"
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # Before any thread exists: a thread that allocates first gets its own malloc arena,
+    # and later threads (the warp loader) may share it, outside the tuning.
+    retain_freed_memory()
     args = build_parser().parse_args(argv)
     if getattr(args, "cell", None) and not getattr(args, "patch", None):
         print("streamcoadd: error: --cell needs --patch", file=sys.stderr)

@@ -46,3 +46,47 @@ def test_freed_memory_is_reused_without_page_faults():
     assert control > 20_000, f"control run faulted only {control} pages: check is void"
     # with the tuning (a regression seen: a trim threshold of 0 re-faulted everything)
     assert _faults(retain=True) < 1_000
+
+
+THREAD_CODE = """
+import resource, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+try:
+    from numpy._core.multiarray import _set_madvise_hugepage
+    _set_madvise_hugepage(False)
+except ImportError:
+    pass
+sys.path.insert(0, {root!r})
+from streamcoadd.memory import retain_freed_memory
+if {early}:
+    assert retain_freed_memory()
+# a thread that allocates before the tuning (e.g. a progress or sampler thread)
+t = threading.Thread(target=lambda: [bytearray(100_000) for _ in range(10)])
+t.start(); t.join()
+retain_freed_memory()
+def load():  # as the warp loader thread: a warp-sized plane, freed, then another
+    a = np.ones(25_000_000)
+    del a
+    m0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    b = np.ones(25_000_000)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - m0
+with ThreadPoolExecutor(1) as pool:
+    print(pool.submit(load).result())
+"""
+
+
+def _thread_faults(early: bool) -> int:
+    out = subprocess.run([sys.executable, "-c", THREAD_CODE.format(root=str(ROOT),
+                                                                   early=early)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def test_worker_threads_reuse_memory_when_tuned_before_any_thread():
+    # Control: tuned only after another thread allocated; the worker's 200 MB plane is
+    # mmap'ed afresh (this is why cli.main tunes first thing).
+    control = _thread_faults(early=False)
+    assert control > 20_000, f"control run faulted only {control} pages: check is void"
+    assert _thread_faults(early=True) < 1_000
+
