@@ -60,7 +60,7 @@ def test_bench_small_runs_and_reports(tmp_path):
         b = r["bound"]
         assert len(b["per_warp"]) == r["n"] and b["cores"] >= 1
         for k in ("read", "hash", "parse", "good_variances", "clip", "weight", "prepare",
-                  "shard"):
+                  "shard", "accumulate"):
             assert _finite_positive(b["median_s"][k]), k
         assert math.isclose(b["mandatory_s"], sum(b["median_s"][k] for k in
                                                   ("read", "hash", "parse", "weight")))
@@ -68,6 +68,14 @@ def test_bench_small_runs_and_reports(tmp_path):
         assert abs(b["mpix_per_warp"] * r["n"] - r["input_mpix"]) < 1e-6 * r["input_mpix"]
         assert all(p["cells"] > 0 for p in b["per_warp"])
         assert _finite_positive(r["ratios"]["bound_mpix_s"])
+        # the end-to-end lower bound: its parts add up, the state is the cells' two sums
+        outer_area = r["cell_mpix"] * 1e6 / sum(ing["cells_per_warp"])  # px per cell
+        assert math.isclose(b["min_state_bytes"],
+                            max(ing["cells_per_warp"]) * 2 * 8 * outer_area)
+        assert math.isclose(b["lower_bound_wall_s"], b["core_import_s"] + b["durable_write_s"]
+                            + r["n"] * (b["mandatory_s"] + b["median_s"]["accumulate"])
+                            / b["cores"])
+        assert b["lower_bound_wall_s"] > b["durable_write_s"] > 0
         fin = r["finalize"]
         assert _finite_positive(fin["cell"]["cold_total_s"]) and fin["cell"]["n_inputs"] > 0
         assert _finite_positive(fin["patch"]["patch_s"]) and fin["patch"]["rc"] == 0
@@ -75,4 +83,5 @@ def test_bench_small_runs_and_reports(tmp_path):
         if "madd" in peers:  # when Montage is installed
             assert _finite_positive(r["ratios"]["ours_over_madd_mpix"])
             assert _finite_positive(r["ratios"]["bound_over_madd_mpix"])
+            assert _finite_positive(r["ratios"]["e2e_bound_over_madd_mpix"])
             assert math.isfinite(peers["compare"]["madd"]["max_rel_diff"])
