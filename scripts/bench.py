@@ -96,6 +96,7 @@ def run(cmd, *, cwd=None, env=None, out=None, check=True, inputs=()):
     code, and ``foreign_cores``: the average number of cores busy with *other* processes
     meanwhile (the machine may be shared; more than ~0.2 means the timing is disturbed).
     ``inputs``: files or directories read once first (:func:`warm`), untimed."""
+    scratch = out is None  # a temporary log, removed once read
     out = Path(out) if out else Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
     env = dict(os.environ if env is None else env)
     env.setdefault("PYTHONPATH", str(ROOT))
@@ -113,6 +114,8 @@ def run(cmd, *, cwd=None, env=None, out=None, check=True, inputs=()):
         busy = _busy_s() - b0
     rc = os.waitstatus_to_exitcode(status)
     text = out.read_text(errors="replace")
+    if scratch:
+        out.unlink()
     if check and rc != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} exited {rc}:\n{text[-3000:]}")
     cpu = ru.ru_utime + ru.ru_stime
