@@ -24,10 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamcoadd import cli  # noqa: E402
-from streamcoadd.memory import retain_freed_memory  # noqa: E402
-
-retain_freed_memory()  # as cli.main does first: before the sampler thread below exists
 from streamcoadd.ingest import Ingestor  # noqa: E402
+from streamcoadd.memory import retain_freed_memory  # noqa: E402
 
 events: list[dict] = []
 T0 = time.perf_counter()
@@ -82,6 +80,7 @@ def main():
     out = args[args.index("--json") + 1]
     rest = [a for i, a in enumerate(args) if a != "--json" and (i == 0 or args[i - 1] != "--json")]
     state, *paths = [a for a in rest if a != "--"]
+    retain_freed_memory()  # what cli.main does first, here before the sampler thread exists
     sampler = Sampler()
     sampler.start()
     t = time.perf_counter()

@@ -9,7 +9,8 @@ peak RSS stays what it was and every warp after the first reuses warm memory.
 Call it before the process starts any thread (the CLI does, first thing): a thread that
 allocates before it gets a malloc arena of its own, and threads started later may be
 given that arena, whose blocks above 64 MB are mmap'ed and faulted in afresh every time
-(measured: the warp loader's clipped weight took 0.27 instead of 0.19 CPU-s per warp).
+(seen in the benchmark, whose sampler thread came first: the warp loader's clipped
+weight took 0.27 instead of 0.19 CPU-s per warp).
 """
 
 from __future__ import annotations
