@@ -197,6 +197,8 @@ def summarise(per: list[dict], cores: int) -> dict:
 
 
 def end_to_end_bound(n: int, out: dict, cells: int, outer: int, write_dir) -> dict:
+    """The end-to-end lower bound for ``n`` warps reaching ``cells`` cells of ``outer``
+    px (see the module docstring); ``out``: the per-warp results so far."""
     state_bytes = cells * 2 * outer * outer * 8
     imports = core_import_s()
     write = durable_write_s(state_bytes, write_dir or tempfile.gettempdir())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CODE = """
+PREAMBLE = """
 import resource, sys
 import numpy as np
 try:  # 4 KiB pages, so that the count does not depend on transparent huge pages
@@ -23,6 +23,9 @@ except ImportError:
     pass
 sys.path.insert(0, {root!r})
 from streamcoadd.memory import retain_freed_memory
+"""
+
+CODE = """
 if {retain}:
     assert retain_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -34,31 +37,9 @@ b = np.ones(25_000_000)
 print(faults() - m0)
 """
 
-
-def _faults(retain: bool) -> int:
-    out = subprocess.run([sys.executable, "-c", CODE.format(root=str(ROOT), retain=retain)],
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
-
-
-def test_freed_memory_is_reused_without_page_faults():
-    control = _faults(retain=False)
-    assert control > 20_000, f"control run faulted only {control} pages: check is void"
-    # with the tuning (a regression seen: a trim threshold of 0 re-faulted everything)
-    assert _faults(retain=True) < 1_000
-
-
 THREAD_CODE = """
-import resource, sys, threading
+import threading
 from concurrent.futures import ThreadPoolExecutor
-import numpy as np
-try:
-    from numpy._core.multiarray import _set_madvise_hugepage
-    _set_madvise_hugepage(False)
-except ImportError:
-    pass
-sys.path.insert(0, {root!r})
-from streamcoadd.memory import retain_freed_memory
 if {early}:
     assert retain_freed_memory()
 # a thread that allocates before the tuning (e.g. a progress or sampler thread)
@@ -76,17 +57,24 @@ with ThreadPoolExecutor(1) as pool:
 """
 
 
-def _thread_faults(early: bool) -> int:
-    out = subprocess.run([sys.executable, "-c", THREAD_CODE.format(root=str(ROOT),
-                                                                   early=early)],
-                         capture_output=True, text=True, check=True)
+def _faults(code: str, **fields) -> int:
+    """Page faults that ``code`` (after PREAMBLE) prints, run in a fresh process."""
+    src = PREAMBLE.format(root=str(ROOT)) + code.format(**fields)
+    out = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True,
+                         check=True)
     return int(out.stdout.strip())
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    control = _faults(CODE, retain=False)
+    assert control > 20_000, f"control run faulted only {control} pages: check is void"
+    # with the tuning (a regression seen: a trim threshold of 0 re-faulted everything)
+    assert _faults(CODE, retain=True) < 1_000
 
 
 def test_worker_threads_reuse_memory_when_tuned_before_any_thread():
     # Control: tuned only after another thread allocated; the worker's 200 MB plane is
     # mmap'ed afresh (this is why cli.main tunes first thing).
-    control = _thread_faults(early=False)
+    control = _faults(THREAD_CODE, early=False)
     assert control > 20_000, f"control run faulted only {control} pages: check is void"
-    assert _thread_faults(early=True) < 1_000
-
+    assert _faults(THREAD_CODE, early=True) < 1_000
