@@ -868,7 +868,7 @@ def main(argv=None):
             daemon = json.loads(dj.read_text())
             src = Path(args.daemon_src).resolve()
             daemon["source"] = "this tree" if src == ROOT else f"source tree {src}"
-            from streamcoadd.config import RunConfig
+            from streamcoadd.core.config import RunConfig
 
             daemon["commit_interval"] = RunConfig().commit_interval
             fold = _median([p["fold_s"] for r in results for p in r["ingest"]["per_warp"][1:]])

@@ -3,7 +3,7 @@ whatever the accumulator design.
 
 Before a warp can contribute to any cell, streamcoadd must, for every warp:
 
-1. read the file's bytes (``streamcoadd.warp._read_bytes``);
+1. read the file's bytes (``streamcoadd.io.warp_reader.read_bytes``);
 2. SHA-256 them: the content hash is the replay / dedup key (``file_hash``);
 3. parse and validate the FITS file (``read_warp(..., data=bytes, content_hash=...)``);
 4. weight it by 1 / (3-sigma, 2-iteration clipped mean of its good variances), in float64
@@ -13,7 +13,7 @@ Before a warp can contribute to any cell, streamcoadd must, for every warp:
 This script times those four steps separately, single thread (``time.perf_counter``), in
 one fresh process after ``retain_freed_memory()`` (as ingest does), on the given warps
 (normally already in the page cache). Two further steps are timed for information only,
-as ``streamcoadd.loader.load_warp`` calls them, and are *not* part of the mandatory sum:
+as ``streamcoadd.pipeline.loader.load_warp`` calls them, and are *not* part of the mandatory sum:
 ``prepare_warp(..., consume=True, weight=w)`` (bad-pixel interpolation, mask planes) and
 the overlap rule (``shard_inputs`` for every patch the warp overlaps).
 
@@ -66,12 +66,18 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from streamcoadd.config import FoldConfig  # noqa: E402
-from streamcoadd.fold import (good_variances, prepare_warp, shard_inputs,  # noqa: E402
-                              weight_from_variances)
-from streamcoadd.memory import retain_freed_memory  # noqa: E402
-from streamcoadd.skymap import load_skymap  # noqa: E402
-from streamcoadd.warp import _read_bytes, file_hash, read_warp  # noqa: E402
+from streamcoadd.core.config import FoldConfig  # noqa: E402
+from streamcoadd.core.fold import (
+    good_variances,
+    prepare_warp,
+    shard_inputs,
+    weight_from_variances,
+)
+from streamcoadd.core.skymap import load_skymap  # noqa: E402
+from streamcoadd.core.warp import file_hash  # noqa: E402
+from streamcoadd.io.warp_reader import read_bytes as read_bytes
+from streamcoadd.io.warp_reader import read_warp
+from streamcoadd.pipeline.memory import retain_freed_memory  # noqa: E402
 
 MANDATORY = ("read", "hash", "parse", "weight")
 STEPS = ("read", "hash", "parse", "good_variances", "clip", "weight", "prepare", "shard",
@@ -84,7 +90,7 @@ def time_warp(path: str, skymap, fold: FoldConfig) -> dict:
     t = {}
     c0 = tt()
     a = pc()
-    data = _read_bytes(path)
+    data = read_bytes(path)
     b = pc()
     h = file_hash(data)
     c = pc()

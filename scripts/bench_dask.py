@@ -60,9 +60,9 @@ num_patches = [{n}, {n}]
 
 
 def make_warps(outdir: Path, skymap_path: Path, n: int, size: int, seed: int = 7) -> list[Path]:
-    from streamcoadd.masks import CANONICAL_PLANES
-    from streamcoadd.skymap import load_skymap
-    from streamcoadd.warpio import write_warp
+    from streamcoadd.core.masks import CANONICAL_PLANES
+    from streamcoadd.core.skymap import load_skymap
+    from streamcoadd.io.warp_writer import write_warp
 
     sm = load_skymap(skymap_path)
     tract = sm.tract(0)
@@ -87,9 +87,9 @@ def make_warps(outdir: Path, skymap_path: Path, n: int, size: int, seed: int = 7
 
 
 def new_state(path: Path, skymap_path: Path) -> Path:
-    from streamcoadd.config import FoldConfig
-    from streamcoadd.skymap import load_skymap
-    from streamcoadd.state import StateStore
+    from streamcoadd.core.config import FoldConfig
+    from streamcoadd.core.skymap import load_skymap
+    from streamcoadd.store.state import StateStore
 
     if path.exists():
         shutil.rmtree(path)
@@ -97,8 +97,8 @@ def new_state(path: Path, skymap_path: Path) -> Path:
 
 
 def run_single(state: Path, files, rc) -> float:
-    from streamcoadd.ingest import Ingestor
-    from streamcoadd.state import StateStore
+    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.store.state import StateStore
 
     t0 = time.perf_counter()
     with StateStore.open(state, write=True) as store:
@@ -119,7 +119,7 @@ def _cpu_seconds() -> float:
 
 
 def run_dask(state: Path, files, rc, client, batch) -> tuple[float, dict]:
-    from streamcoadd.distributed import ingest_distributed
+    from streamcoadd.pipeline.dask_executor import ingest_distributed
 
     cpu0 = sum(client.run(_cpu_seconds).values()) + _cpu_seconds()
     t0 = time.perf_counter()
@@ -140,11 +140,13 @@ def calibrate(state: Path, files) -> dict:
     q = coordinator per warp (read + sha256 + header probe), R = read + validate + prepare
     one warp on a worker, f = fold one warp into one cell, c = commit one cell generation
     (HDF5 write, fsync, rename; per shard also manifest and directory fsyncs)."""
-    from streamcoadd.distributed import _contributing_patches, _probe
-    from streamcoadd.fold import prepare_warp
-    from streamcoadd.ingest import fold_into_shard, shard_inputs
-    from streamcoadd.state import StateStore
-    from streamcoadd.warp import _read_bytes, file_hash, read_warp
+    from streamcoadd.core.fold import prepare_warp
+    from streamcoadd.core.warp import file_hash
+    from streamcoadd.io.warp_reader import read_bytes as read_bytes
+    from streamcoadd.io.warp_reader import read_warp
+    from streamcoadd.pipeline.dask_executor import _contributing_patches, _probe
+    from streamcoadd.pipeline.ingest import fold_into_shard, shard_inputs
+    from streamcoadd.store.state import StateStore
 
     q = R = f = c = 0.0
     cells = shards = 0
@@ -152,7 +154,7 @@ def calibrate(state: Path, files) -> dict:
         fold = store.fold
         for path in files:
             t0 = time.perf_counter()
-            data = _read_bytes(str(path))
+            data = read_bytes(str(path))
             h = file_hash(data)
             p = _probe(str(path), data, store)
             tract = store.skymap.tract(p.warp_id.tract)
@@ -198,7 +200,7 @@ def start_cluster(n: int):
                                        dashboard_address=None, silence_logs=50)
     client = distributed.Client(cluster)
     client.wait_for_workers(n)
-    client.run(lambda: __import__("streamcoadd.distributed") and None)  # warm imports
+    client.run(lambda: __import__("streamcoadd.pipeline.dask_executor") and None)  # warm imports
     return cluster, client
 
 
@@ -219,7 +221,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    from streamcoadd.config import RunConfig
+    from streamcoadd.core.config import RunConfig
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_dask_"))
     work.mkdir(parents=True, exist_ok=True)

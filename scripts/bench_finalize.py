@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import streamcoadd  # noqa: E402
-from streamcoadd import cli, open_state  # noqa: E402
-from streamcoadd.skymap import CellId, PatchId  # noqa: E402
+from streamcoadd import open_state  # noqa: E402
+from streamcoadd.cli.main import main as cli
+from streamcoadd.core.skymap import CellId, PatchId  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
@@ -51,7 +52,7 @@ def evict(root: Path) -> int:
     return n
 
 
-def _pair(s):
+def parse_pair(s):
     return tuple(int(v) for v in s.split(","))
 
 
@@ -60,11 +61,11 @@ def main():
     args = sys.argv[3:]
     out = args[args.index("--json") + 1]
     res = dict(import_s=T_IMPORTED - T_START)
-    px, py = _pair(args[0])
+    px, py = parse_pair(args[0])
     shards = Path(state) / "shards"
     res["evicted_files"] = evict(shards)
     if what == "cell":
-        cx, cy = _pair(args[1])
+        cx, cy = parse_pair(args[1])
         t0 = time.perf_counter()
         st = open_state(state)
         t1 = time.perf_counter()
@@ -74,7 +75,7 @@ def main():
         t2 = time.perf_counter()
         got = st.store.read_cell(cell, band)
         t3 = time.perf_counter()
-        co = streamcoadd.finalize.coadd_cell(got[0], band, st.skymap.tract(tract), st.fold)
+        co = streamcoadd.analysis.finalize.coadd_cell(got[0], band, st.skymap.tract(tract), st.fold)
         t4 = time.perf_counter()
         # the one-call API a user would time, warm now (same process, files cached)
         co2 = st.cell(cell, band)

@@ -11,7 +11,7 @@ accumulate, over the cell's 250 x 250 outer box, Σw, Σw·I, Σw²·var, Σw·[
 to 35 x 35) with the PSF adaptive moments (once per stamp) for the contributor row.
 Inputs whose good fraction of the inner box is <= 0.5 go to a separate fallback group.
 
-This module does not import streamcoadd.fold: it is an independent implementation, so
+This module does not import streamcoadd.core.fold: it is an independent implementation, so
 comparing its coadd with ours also checks the core (``--check STATE``). The skymap is only
 used for geometry (where the cells are).
 
@@ -43,8 +43,8 @@ from astropy.stats import sigma_clipped_stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamcoadd.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.skymap import Box, load_skymap  # noqa: E402
+from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
+from streamcoadd.core.skymap import Box, load_skymap  # noqa: E402
 
 B = {k: 1 << v for k, v in CANONICAL_PLANES.items()}
 NO_DATA = B["NO_DATA"]
@@ -287,9 +287,14 @@ def run_floor(paths, skymap_path, tract_id):
 
 def run_ours_fold(paths, skymap_path, tract_id):
     """streamcoadd's own fold functions, in memory, no persistence (no state, no ledger)."""
-    from streamcoadd.config import FoldConfig
-    from streamcoadd.fold import CellAccumulator, cell_input, fold_cell, prepare_warp
-    from streamcoadd.warp import read_warp
+    from streamcoadd.core.config import FoldConfig
+    from streamcoadd.core.fold import (
+        CellAccumulator,
+        cell_input,
+        fold_cell,
+        prepare_warp,
+    )
+    from streamcoadd.io.warp_reader import read_warp
 
     sm = load_skymap(skymap_path)
     tract = sm.tract(tract_id)
@@ -402,7 +407,7 @@ def main(argv=None):
 def save_stitched(fl, path):
     """Stitch the floor's inner cells of every patch it touched into one float64 image
     over the union of the inner boxes (for the peer comparison)."""
-    from streamcoadd.skymap import CellId  # noqa: F401
+    from streamcoadd.core.skymap import CellId  # noqa: F401
 
     cells = sorted(fl.cells(), key=lambda c: (c.patch.x, c.patch.y, c.y, c.x))
     boxes = [fl.tract.cell_inner_box(c) for c in cells]

@@ -31,9 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamcoadd.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.skymap import PatchId, load_skymap  # noqa: E402
-from streamcoadd.warpio import write_warp  # noqa: E402
+from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
+from streamcoadd.core.skymap import PatchId, load_skymap  # noqa: E402
+from streamcoadd.io.warp_writer import write_warp  # noqa: E402
 
 BIT = {k: np.int32(1 << v) for k, v in CANONICAL_PLANES.items()}
 

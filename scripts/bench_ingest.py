@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamcoadd import cli  # noqa: E402
-from streamcoadd.ingest import Ingestor  # noqa: E402
-from streamcoadd.memory import retain_freed_memory  # noqa: E402
+from streamcoadd.cli.main import main as cli  # noqa: E402
+from streamcoadd.pipeline.ingest import Ingestor  # noqa: E402
+from streamcoadd.pipeline.memory import retain_freed_memory  # noqa: E402
 
 events: list[dict] = []
 T0 = time.perf_counter()

@@ -155,7 +155,7 @@ def compare(d, state, patch, band="r"):
     from astropy.wcs import WCS
 
     from streamcoadd import open_state
-    from streamcoadd.skymap import CellId, PatchId
+    from streamcoadd.core.skymap import CellId, PatchId
 
     d = Path(d)
     meta = json.loads((d / "meta.json").read_text())

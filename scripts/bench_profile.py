@@ -40,7 +40,7 @@ RULES = [
     ("allocate new accumulators (zeros)", r"^(CellSums\.zeros|CellSums\.plane_zeros)$", None),
     ("waiting for the loader thread (next warp not ready)", r"^WarpLoader\.take$", None),
     ("read: sha256 content hash", r"^file_hash$", None),
-    ("read: file bytes", r"^_read_bytes$", None),
+    ("read: file bytes", r"^read_bytes$", None),
     ("validate: WCS check", r"^_check_wcs$", None),
     ("validate: finite/positive pixel checks", r"^_check_good_pixels$", None),
     ("read: mask remap to canonical bits", r"^remap_to_canonical$", None),

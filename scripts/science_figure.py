@@ -4,7 +4,7 @@
     python3 scripts/science_figure.py [--seed 0] [--workdir DIR] [--out docs/science.png]
 
 Runs the science validation end to end as a user would: ``streamcoadd simulate`` (high-S/N
-isolated stars, defects), ``init``, ``ingest``, then :func:`streamcoadd.science.measure`
+isolated stars, defects), ``init``, ``ingest``, then :func:`streamcoadd.analysis.science.measure`
 (HSM moments of each star in its cell coadd and in a naive per-pixel-masked coadd, against
 the cell's coadd PSF). Also measures the sub-pixel sampling bias of HSM on the simulator's
 PSFs. Needs GalSim and matplotlib. About 20 s.
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import streamcoadd  # noqa: E402
-from streamcoadd.science import hsm_moments, measure, summarize  # noqa: E402
+from streamcoadd.analysis.science import hsm_moments, measure, summarize  # noqa: E402
 
 BINS = [(0, 2), (2, 4), (4, 8), (8, 18)]
 

@@ -13,7 +13,7 @@ until every warp is done. Then it compares the state with an uninterrupted refer
   (status, n_cells);
 * no stray ``.tmp`` file, no generation file that no manifest names, every HDF5 file
   readable and every dataset matches its CRC-32 checksum;
-* ``streamcoadd.verify.verify_state`` finds nothing.
+* ``streamcoadd.analysis.verify.verify_state`` finds nothing.
 
 After every single kill the state is also checked *before* the restart: ``verify_state``
 may then report only benign problems (debris of the interrupted commit, a warp committed
@@ -53,9 +53,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from streamcoadd.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.skymap import load_skymap  # noqa: E402
-from streamcoadd.warpio import write_warp  # noqa: E402
+from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
+from streamcoadd.core.skymap import load_skymap  # noqa: E402
+from streamcoadd.io.warp_writer import write_warp  # noqa: E402
 
 SKYMAP = ROOT / "config" / "skymap-demo.toml"
 CRASH_POINTS = ("cell-tmp-written", "cell-renamed", "cells-durable", "manifest-tmp-written",
@@ -176,8 +176,8 @@ def run_child(argv: list[str], crash_at: str | None, kill_after: float | None,
                 os.dup2(log.fileno(), 2)
                 os.environ.clear()
                 os.environ.update(env)
-                from streamcoadd import durable
-                from streamcoadd.cli import main
+                from streamcoadd.cli.main import main
+                from streamcoadd.store import durable
 
                 durable._hits.clear()
                 rc = main(argv)
@@ -215,7 +215,7 @@ def run_child(argv: list[str], crash_at: str | None, kill_after: float | None,
 # ---------------------------------------------------------------------------- comparing states
 def _cells(state: Path) -> dict:
     """{(tract, px, py, band, cx, cy): CellAccumulator} of every committed cell."""
-    from streamcoadd.state import StateStore
+    from streamcoadd.store.state import StateStore
 
     out = {}
     with StateStore.open(state, write=False) as st:
@@ -223,7 +223,7 @@ def _cells(state: Path) -> dict:
             m = st.read_manifest(patch, band)
             for key in m["cells"]:
                 cx, cy = (int(v) for v in key.split("-"))
-                from streamcoadd.skymap import CellId
+                from streamcoadd.core.skymap import CellId
 
                 acc, _ = st.read_cell(CellId(patch, cx, cy), band)
                 out[(patch.tract, patch.x, patch.y, band, cx, cy)] = acc
@@ -308,7 +308,7 @@ def hygiene(state: Path) -> list[str]:
     """No stray temporary files, no unreferenced generation, every HDF5 file fully readable."""
     import h5py
 
-    from streamcoadd.cellfile import read_cell_file
+    from streamcoadd.store.cellfile import read_cell_file
 
     problems = [f"stray temporary file {p}" for p in state.rglob("*.tmp")]
     live = set()
@@ -351,13 +351,14 @@ class Tally:
 
 def count_hits(mode: str, warps, workdir: Path, commit_every: int) -> dict[str, int]:
     """How often each crash point is reached in one uninterrupted run (in this process)."""
-    from streamcoadd import cellfile, durable, ledger, state as state_mod
-    from streamcoadd.cli import main
+    from streamcoadd.cli.main import main
+    from streamcoadd.store import cellfile, durable, ledger
+    from streamcoadd.store import state as state_mod
 
     hits = Counter()
     mods = [durable, cellfile, ledger, state_mod]
     try:
-        daemon_mod = __import__("streamcoadd.daemon", fromlist=["x"])
+        daemon_mod = __import__("streamcoadd.service.daemon", fromlist=["x"])
         mods.append(daemon_mod)
     except ImportError:
         pass
@@ -416,7 +417,7 @@ def _fraction_left(state: Path, hashes: dict) -> float:
 
 def _check_after_kill(state: Path, mode: str, inbox: Path | None, hashes: dict) -> list[str]:
     """Right after a kill, before any restart: only benign problems are allowed."""
-    from streamcoadd.verify import verify_state
+    from streamcoadd.analysis.verify import verify_state
 
     out = [f"after kill: {p}" for p in verify_state(state) if p.severity == "error"]
     if mode == "daemon" and inbox is not None:
@@ -441,8 +442,8 @@ def episode(mode: str, warps: list[Path], ref: Path, workdir: Path, rng: random.
             kills_wanted: int, exec_fraction: float, commit_every: int, log,
             check_every_kill: bool = True, points=None) -> None:
     """Fresh state; kill/restart until a run completes; then compare with ``ref``."""
-    from streamcoadd.cli import main as cli_main
-    from streamcoadd.warp import file_hash
+    from streamcoadd.cli.main import main as cli_main
+    from streamcoadd.core.warp import file_hash
 
     state = workdir / f"state-{mode}"
     shutil.rmtree(state, ignore_errors=True)
@@ -490,7 +491,7 @@ def episode(mode: str, warps: list[Path], ref: Path, workdir: Path, rng: random.
             continue  # until-idle returned with files left (should not happen): run again
         break
     problems = compare_states(ref, state) + hygiene(state)
-    from streamcoadd.verify import verify_state
+    from streamcoadd.analysis.verify import verify_state
 
     problems += [f"verify: {p}" for p in verify_state(state)]
     if mode == "daemon":
@@ -509,7 +510,7 @@ def episode(mode: str, warps: list[Path], ref: Path, workdir: Path, rng: random.
 
 def build_reference(mode: str, warps, workdir: Path, commit_every: int, log) -> tuple[Path, float]:
     """Uninterrupted run (same mode, fork launcher); returns the state and its duration."""
-    from streamcoadd.cli import main as cli_main
+    from streamcoadd.cli.main import main as cli_main
 
     ref = workdir / f"ref-{mode}"
     shutil.rmtree(ref, ignore_errors=True)
@@ -523,7 +524,7 @@ def build_reference(mode: str, warps, workdir: Path, commit_every: int, log) -> 
 
 def daemon_available() -> bool:
     try:
-        import streamcoadd.daemon  # noqa: F401
+        import streamcoadd.service.daemon  # noqa: F401
     except ImportError:
         return False
     return True
@@ -584,7 +585,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     modes = ("ingest", "daemon") if args.mode == "both" else (args.mode,)
     if "daemon" in modes and not daemon_available():
-        print("note: streamcoadd.daemon is not available in this checkout; ingest only")
+        print("note: streamcoadd.service.daemon is not available in this checkout; ingest only")
     t0 = time.time()
     tally = torture(args.kills, modes, Path(args.workdir) if args.workdir else None, args.warps,
                     args.seed, args.exec_fraction, args.kills_per_episode, args.commit_every,

@@ -26,10 +26,10 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from streamcoadd.config import FoldConfig
-from streamcoadd.fold import CellAccumulator
-from streamcoadd.masks import CANONICAL_PLANES
-from streamcoadd.skymap import Box, CellId, PatchId, Tract
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.fold import CellAccumulator
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import Box, CellId, PatchId, Tract
 
 BIT = {name: np.int32(1 << b) for name, b in CANONICAL_PLANES.items()}
 
@@ -257,7 +257,7 @@ def reference_finalize(state, out, patch=None, cell=None, band=None) -> int:
     """The old ``cmd_finalize`` loop (CellCoadd lists, astropy writers)."""
     from pathlib import Path
 
-    from streamcoadd.reader import open_state
+    from streamcoadd.analysis.reader import open_state
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 It does NOT use streamcoadd's fold, state or warp-reading code: FITS files are read with astropy
 directly, mask bits are remapped here from the ``MP_*`` keywords, and everything is summed in
 float64 with explicit loops over warps and cells.  Only the skymap geometry
-(:mod:`streamcoadd.skymap`), the canonical bit numbers and :class:`FoldConfig` are shared.
+(:mod:`streamcoadd.core.skymap`), the canonical bit numbers and :class:`FoldConfig` are shared.
 
 Rules (SPEC §3):
 
@@ -35,9 +35,9 @@ import numpy as np
 from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 
-from streamcoadd.config import FoldConfig
-from streamcoadd.masks import CANONICAL_PLANES
-from streamcoadd.skymap import Box, CellId, SkyMap
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import Box, CellId, SkyMap
 
 NO_DATA_BIT = 1 << CANONICAL_PLANES["NO_DATA"]
 
@@ -147,7 +147,7 @@ class Reference(dict):
 
 
 def read_warp_raw(path, fold_config: FoldConfig = FoldConfig(), noise_realizations: int = 0) -> RefWarp:
-    """Read a SPEC §2 warp with astropy, independently of streamcoadd.warp."""
+    """Read a SPEC §2 warp with astropy, independently of streamcoadd.io.warp_reader."""
     path = str(path)
     data = Path(path).read_bytes()
     with warnings.catch_warnings():

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_reader_api import ROOT, build_state
 
 DOC = ROOT / "docs" / "analysis.md"

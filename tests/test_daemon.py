@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import streamcoadd
-from streamcoadd.skymap import load_skymap
-from streamcoadd.warpio import write_warp
+from streamcoadd.core.skymap import load_skymap
+from streamcoadd.io.warp_writer import write_warp
 
 REPO = Path(__file__).resolve().parent.parent
 SKYMAP = REPO / "config" / "skymap-demo.toml"
@@ -45,8 +45,8 @@ def cli(*args, **kw):
 
 
 def make_state(tmp: Path) -> Path:
-    from streamcoadd.config import FoldConfig
-    from streamcoadd.state import StateStore
+    from streamcoadd.core.config import FoldConfig
+    from streamcoadd.store.state import StateStore
 
     state = tmp / "state"
     StateStore.create(state, load_skymap(SKYMAP), FoldConfig())
@@ -423,7 +423,7 @@ def test_bad_arguments_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- in-process
 def test_inbox_handler_never_raises_and_observer_restarts(tmp_path):
-    from streamcoadd.inbox import Inbox
+    from streamcoadd.service.inbox import Inbox
 
     ib = Inbox(tmp_path / "in", stable_seconds=0.0, reconcile_interval=3600)
     ib.start()
@@ -452,7 +452,7 @@ def test_inbox_handler_never_raises_and_observer_restarts(tmp_path):
 
 
 def test_inbox_stability_and_bounds(tmp_path):
-    from streamcoadd.inbox import Inbox
+    from streamcoadd.service.inbox import Inbox
 
     d = tmp_path / "in"
     d.mkdir()
@@ -482,7 +482,7 @@ def test_inbox_stability_and_bounds(tmp_path):
 
 def test_inbox_dropped_hints_trigger_rescan(tmp_path):
     """More events than the hint list holds (like an inotify overflow): nothing is lost."""
-    from streamcoadd.inbox import Inbox
+    from streamcoadd.service.inbox import Inbox
 
     ib = Inbox(tmp_path / "in", stable_seconds=0.0, reconcile_interval=3600, max_hints=5)
     ib.start()
@@ -546,9 +546,9 @@ def test_systemd_notify(area, tmp_path):
 def test_daemon_with_restart_equals_batch(area, daemons, tmp_path):
     """Warps arriving in random order across a SIGTERM and a kill -9 give the same coadd, to
     round-off, as a batch ingest of the same files in sorted order."""
-    from streamcoadd.config import RunConfig
-    from streamcoadd.ingest import Ingestor
-    from streamcoadd.state import StateStore
+    from streamcoadd.core.config import RunConfig
+    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.store.state import StateStore
 
     state, inbox, tmp = area
     tract = load_skymap(SKYMAP).tract(0)

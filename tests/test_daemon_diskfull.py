@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_daemon import cli, daemons, wait_for  # noqa: F401 (daemons: fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +31,8 @@ torture = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("torture", torture)
 spec.loader.exec_module(torture)
 
-from streamcoadd.cli import main  # noqa: E402
-from streamcoadd.verify import verify_state  # noqa: E402
+from streamcoadd.analysis.verify import verify_state  # noqa: E402
+from streamcoadd.cli.main import main  # noqa: E402
 
 RETRY = ["--write-retry-initial", "0.2", "--write-retry-max", "1"]
 FH = {"PYTHONFAULTHANDLER": "1"}  # a hung daemon dumps its threads on SIGABRT

@@ -24,8 +24,8 @@ torture = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("torture", torture)
 spec.loader.exec_module(torture)
 
-from streamcoadd.cli import main  # noqa: E402
-from streamcoadd.verify import verify_state  # noqa: E402
+from streamcoadd.analysis.verify import verify_state  # noqa: E402
+from streamcoadd.cli.main import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def _run_ingest(st, warps):
 @pytest.mark.parametrize("layer,budget", [("cell", 1), ("cell", 9), ("manifest", 1),
                                           ("manifest", 4)])
 def test_injected_enospc_in_shard_writes(tmp_path, monkeypatch, warps_and_ref, layer, budget):
-    from streamcoadd import cellfile, durable
+    from streamcoadd.store import cellfile, durable
 
     warps, ref = warps_and_ref
     st = tmp_path / "s"
@@ -190,7 +190,7 @@ class _FullDB:
 
 
 def test_injected_full_disk_in_the_ledger(tmp_path, monkeypatch, warps_and_ref):
-    from streamcoadd import ledger as ledger_mod
+    from streamcoadd.store import ledger as ledger_mod
 
     warps, ref = warps_and_ref
     st = tmp_path / "s"
@@ -224,7 +224,7 @@ def test_injected_enospc_on_the_lock_file(tmp_path, monkeypatch, warps_and_ref):
     def pwrite(fd, data, off):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    from streamcoadd import state as state_mod
+    from streamcoadd.store import state as state_mod
 
     with monkeypatch.context() as m:
         m.setattr(state_mod.os, "pwrite", pwrite)
@@ -236,10 +236,10 @@ def test_injected_enospc_on_the_lock_file(tmp_path, monkeypatch, warps_and_ref):
 def test_disk_full_then_retry_in_one_process(tmp_path, monkeypatch, warps_and_ref):
     """What a long-running writer (the daemon) does: on StateWriteError drop the
     uncommitted work, keep the files, and resubmit them once there is space."""
-    from streamcoadd import cellfile
-    from streamcoadd.errors import StateWriteError
-    from streamcoadd.ingest import Ingestor
-    from streamcoadd.state import StateStore
+    from streamcoadd.core.errors import StateWriteError
+    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.store import cellfile
+    from streamcoadd.store.state import StateStore
 
     warps, ref = warps_and_ref
     st = tmp_path / "s"
@@ -277,7 +277,7 @@ def test_daemon_on_a_full_disk(small_tmpfs, warps_and_ref, tmp_path):
     consistent, and a restart after space is freed folds the rest: the same coadd as an
     uninterrupted run. The default, pausing and resuming in-process, is tested in
     tests/test_daemon_diskfull.py."""
-    pytest.importorskip("streamcoadd.daemon")
+    pytest.importorskip("streamcoadd.service.daemon")
     warps, ref = warps_and_ref
     mnt = small_tmpfs
     need = du(ref)

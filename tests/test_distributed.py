@@ -1,4 +1,4 @@
-"""Scale-out on Dask distributed (streamcoadd.distributed) on a LocalCluster of 2 workers.
+"""Scale-out on Dask distributed (streamcoadd.pipeline.dask_executor) on a LocalCluster of 2 workers.
 
 Every test compares the distributed result with a single-process ``Ingestor`` run on the
 same warps: per cell the same contributors (content hashes, per group) and the same sums
@@ -21,15 +21,15 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from streamcoadd import distributed as D  # noqa: E402
-from streamcoadd.ingest import Ingestor  # noqa: E402
-from streamcoadd.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.config import FoldConfig  # noqa: E402
-from streamcoadd.errors import UserError  # noqa: E402
-from streamcoadd.skymap import CellId, PatchId, load_skymap  # noqa: E402
-from streamcoadd.state import StateStore  # noqa: E402
-from streamcoadd.warp import file_hash  # noqa: E402
-from streamcoadd.warpio import write_warp  # noqa: E402
+from streamcoadd.core.config import FoldConfig  # noqa: E402
+from streamcoadd.core.errors import UserError  # noqa: E402
+from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
+from streamcoadd.core.skymap import CellId, PatchId, load_skymap  # noqa: E402
+from streamcoadd.core.warp import file_hash  # noqa: E402
+from streamcoadd.io.warp_writer import write_warp  # noqa: E402
+from streamcoadd.pipeline import dask_executor as D  # noqa: E402
+from streamcoadd.pipeline.ingest import Ingestor  # noqa: E402
+from streamcoadd.store.state import StateStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SKYMAP = ROOT / "config" / "skymap-demo.toml"
@@ -176,7 +176,7 @@ def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=50)
     c = distributed.Client(cluster)
-    c.run(lambda: __import__("streamcoadd.fold") and None)  # warm the imports
+    c.run(lambda: __import__("streamcoadd.core.fold") and None)  # warm the imports
     yield c
     c.close()
     cluster.close()
@@ -197,7 +197,7 @@ def reference(tmp_path_factory, warps):
 
 def _ready(client, n=2):
     client.wait_for_workers(n, timeout=60)
-    client.run(lambda: __import__("streamcoadd.fold") and None)
+    client.run(lambda: __import__("streamcoadd.core.fold") and None)
 
 
 # ----------------------------------------------------------------------------- tests

@@ -1,4 +1,4 @@
-"""The streaming ``finalize`` (``streamcoadd.finalize.finalize_patch``) writes the same
+"""The streaming ``finalize`` (``streamcoadd.analysis.finalize.finalize_patch``) writes the same
 files, byte for byte, as the original astropy implementation kept frozen in
 ``tests/finalize_reference.py``: same HDUs, headers, columns and values.
 
@@ -22,14 +22,14 @@ for _p in (str(ROOT / "tests"), str(ROOT)):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from astropy.io import fits  # noqa: E402
-
-import streamcoadd  # noqa: E402
 from finalize_reference import reference_finalize  # noqa: E402
 from reference import run_cli  # noqa: E402
-from streamcoadd import cli  # noqa: E402
-from streamcoadd.finalize import file_stem, finalize_patch  # noqa: E402
-from streamcoadd.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
 from warpgen import generate, make_warp, stack_warp_set, write_gen  # noqa: E402
+
+import streamcoadd  # noqa: E402
+from streamcoadd.analysis.finalize import file_stem, finalize_patch  # noqa: E402
+from streamcoadd.cli.main import main as cli  # noqa: E402
+from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 SKYMAP = load_skymap(SKYMAP_FILE)

@@ -21,15 +21,28 @@ for _p in (str(ROOT / "tests"), str(ROOT)):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from astropy.io import fits  # noqa: E402
+from reference import (  # noqa: E402
+    _cut,
+    compare_cell,
+    fit_stamp,
+    read_warp_raw,
+    reference_coadd,
+    run_cli,
+)
+from warpgen import (  # noqa: E402
+    BIT,
+    BROKEN_CASES,
+    gaussian_stamp,
+    generate,
+    make_warp,
+    stack_warp_set,
+    write_broken,
+    write_gen,
+)
 
 import streamcoadd  # noqa: E402
-from streamcoadd.config import FoldConfig  # noqa: E402
-from streamcoadd.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
-
-from reference import (_cut, compare_cell, fit_stamp, read_warp_raw, reference_coadd,  # noqa: E402
-                       run_cli)
-from warpgen import (BIT, BROKEN_CASES, gaussian_stamp, generate, make_warp,  # noqa: E402
-                     stack_warp_set, write_broken, write_gen)
+from streamcoadd.core.config import FoldConfig  # noqa: E402
+from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 SKYMAP = load_skymap(SKYMAP_FILE)

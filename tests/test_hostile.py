@@ -29,10 +29,10 @@ torture = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("torture", torture)
 spec.loader.exec_module(torture)
 
-from streamcoadd import warp as warp_mod  # noqa: E402
-from streamcoadd.cli import main  # noqa: E402
-from streamcoadd.errors import WarpRejected  # noqa: E402
-from streamcoadd.skymap import load_skymap  # noqa: E402
+from streamcoadd.cli.main import main  # noqa: E402
+from streamcoadd.core.errors import WarpRejected  # noqa: E402
+from streamcoadd.core.skymap import load_skymap  # noqa: E402
+from streamcoadd.io import warp_reader as warp_mod  # noqa: E402
 
 SKYMAP = load_skymap(torture.SKYMAP)
 TRACT = SKYMAP.tract(0)
@@ -307,8 +307,8 @@ def test_exact_duplicate_is_not_a_rejection(base, tmp_path):
 
 
 def test_directory_and_vanished_file(base, tmp_path):
-    from streamcoadd.ingest import Ingestor
-    from streamcoadd.state import StateStore
+    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.store.state import StateStore
 
     st = base[0]
     d = tmp_path / "dir.fits"
@@ -367,7 +367,7 @@ def test_mask_not_integer(base, tmp_path):
 # ----------------------------------------------------------------------------- daemon
 def _daemon():
     try:
-        import streamcoadd.daemon  # noqa: F401
+        import streamcoadd.service.daemon  # noqa: F401
     except ImportError:
         pytest.skip("the daemon ('streamcoadd watch') is not in this checkout yet")
 
@@ -451,8 +451,13 @@ def _check(data: bytes):
     assert isinstance(w, warp_mod.Warp)
     # An accepted file must also fold without anything but WarpRejected (what ingest and
     # the daemon do next, before touching the state).
-    from streamcoadd.config import FoldConfig
-    from streamcoadd.fold import CellAccumulator, cell_input, fold_cell, prepare_warp
+    from streamcoadd.core.config import FoldConfig
+    from streamcoadd.core.fold import (
+        CellAccumulator,
+        cell_input,
+        fold_cell,
+        prepare_warp,
+    )
 
     cfg = FoldConfig()
     try:

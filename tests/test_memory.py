@@ -1,4 +1,4 @@
-"""streamcoadd.memory: freed warp-sized arrays are reused, not faulted in again.
+"""streamcoadd.pipeline.memory: freed warp-sized arrays are reused, not faulted in again.
 
 On virtual machines a fresh page costs microseconds (the benchmark machine: ~1.3-2.6 s per
 GB), so a fold that frees and re-allocates a few hundred MB per warp must get the same
@@ -22,7 +22,7 @@ try:  # 4 KiB pages, so that the count does not depend on transparent huge pages
 except ImportError:
     pass
 sys.path.insert(0, {root!r})
-from streamcoadd.memory import retain_freed_memory
+from streamcoadd.pipeline.memory import retain_freed_memory
 """
 
 CODE = """

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamcoadd.skymap import load_skymap
-from streamcoadd.warpio import write_warp
+from streamcoadd.core.skymap import load_skymap
+from streamcoadd.io.warp_writer import write_warp
 
 ROOT = Path(__file__).resolve().parent.parent
 SKYMAP = ROOT / "config" / "skymap-demo.toml"

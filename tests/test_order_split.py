@@ -18,12 +18,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import streamcoadd  # noqa: E402
-from streamcoadd.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
-
 from reference import close_rel, compare_cell, reference_coadd, run_cli  # noqa: E402
 from warpgen import make_warp, stack_warp_set  # noqa: E402
+
+import streamcoadd  # noqa: E402
+from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 SKYMAP = load_skymap(SKYMAP_FILE)

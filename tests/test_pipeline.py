@@ -18,14 +18,13 @@ for _p in (str(ROOT / "tests"), str(ROOT)):
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-import streamcoadd  # noqa: E402
-from streamcoadd.cellfile import encode_plane, load_plane  # noqa: E402
-from streamcoadd.skymap import Box, load_skymap  # noqa: E402
-
 from reference import compare_cell, reference_coadd, run_cli  # noqa: E402
 from test_order_split import assert_same_sums, sums_of  # noqa: E402
 from warpgen import stack_warp_set, write_broken  # noqa: E402
+
+import streamcoadd  # noqa: E402
+from streamcoadd.core.skymap import Box, load_skymap  # noqa: E402
+from streamcoadd.store.cellfile import encode_plane, load_plane  # noqa: E402
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 SKYMAP = load_skymap(SKYMAP_FILE)
@@ -119,7 +118,7 @@ def test_crash_in_a_forked_writer_kills_the_ingest_and_a_rerun_completes(warps):
     (np.arange(35, dtype=np.float64).reshape(5, 7), "dense"),
 ])
 def test_plane_encodings_round_trip(tmp_path, plane, want):
-    from streamcoadd.cellfile import _plane
+    from streamcoadd.store.cellfile import _plane
 
     encoding, _ = encode_plane(plane)
     assert encoding == want
@@ -137,8 +136,8 @@ def test_a_file_replaced_after_it_was_read_ahead_is_read_again(warps, tmp_path):
     import hashlib
     import os
 
-    from streamcoadd.config import FoldConfig
-    from streamcoadd.loader import WarpLoader
+    from streamcoadd.core.config import FoldConfig
+    from streamcoadd.pipeline.loader import WarpLoader
 
     _, _, good = warps
     target = tmp_path / "next.fits"
@@ -164,8 +163,11 @@ def test_a_file_replaced_after_it_was_read_ahead_is_read_again(warps, tmp_path):
 
 def test_contributor_rows_round_trip():
     """Every field of a contributor row survives the cell file's table encoding."""
-    from streamcoadd.cellfile import contributors_from_array, contributors_to_array
-    from streamcoadd.fold import Contributor
+    from streamcoadd.core.fold import Contributor
+    from streamcoadd.store.cellfile import (
+        contributors_from_array,
+        contributors_to_array,
+    )
 
     rng = np.random.default_rng(4)
     rows = [Contributor(visit=int(rng.integers(2**40)), detector=int(rng.integers(200)),

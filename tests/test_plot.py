@@ -12,9 +12,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-import streamcoadd  # noqa: E402
-from streamcoadd.plot import KINDS, make_figure  # noqa: E402
 from test_reader_api import ROOT, build_state, cli, expected_inputs  # noqa: E402
+
+import streamcoadd  # noqa: E402
+from streamcoadd.analysis.plot import KINDS, make_figure  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,9 @@ def test_without_matplotlib_one_clear_line(state, tmp_path):
 
 def test_big_quicklook_is_binned_patch_by_patch(state, monkeypatch):
     """Large areas are block-averaged (factor dividing the patch size) before drawing."""
-    import streamcoadd.plot as plot
     from matplotlib.image import AxesImage
+
+    import streamcoadd.analysis.plot as plot
 
     monkeypatch.setattr(plot, "MAX_IMAGE_PX", 200)
     with streamcoadd.open_state(state) as st:

@@ -19,9 +19,9 @@ from astropy.nddata import CCDData
 from astropy.table import Table
 
 import streamcoadd
-from streamcoadd.masks import CANONICAL_PLANES
-from streamcoadd.skymap import CellId, PatchId, load_skymap
-from streamcoadd.warpio import write_warp
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import CellId, PatchId, load_skymap
+from streamcoadd.io.warp_writer import write_warp
 
 ROOT = Path(__file__).resolve().parent.parent
 SKYMAP = ROOT / "config" / "skymap-demo.toml"
@@ -302,22 +302,22 @@ def test_reader_refuses_unknown_versions(state, tmp_path):
         f.attrs["version"] = 99
     with streamcoadd.open_state(copy) as st:
         p = st.patch(P00, "r")
-        with pytest.raises(streamcoadd.errors.StateError, match="version"):
+        with pytest.raises(streamcoadd.core.errors.StateError, match="version"):
             p.summary()
         with pytest.raises(Exception, match="version"):
             p.cell(2, 2).image
     m["version"] = 2
     (shard / "manifest.json").write_text(json.dumps(m))
     with streamcoadd.open_state(copy) as st:
-        with pytest.raises(streamcoadd.errors.StateError, match="version"):
+        with pytest.raises(streamcoadd.core.errors.StateError, match="version"):
             st.patch(P00, "r")
 
 
 def test_bad_selection_errors(state):
     with streamcoadd.open_state(state) as st:
-        with pytest.raises(streamcoadd.errors.UserError, match="outside the tract"):
+        with pytest.raises(streamcoadd.core.errors.UserError, match="outside the tract"):
             st.patch(PatchId(0, 5, 0), "r")
-        with pytest.raises(streamcoadd.errors.UserError, match="outside the patch"):
+        with pytest.raises(streamcoadd.core.errors.UserError, match="outside the patch"):
             st.patch(P00, "r").cell(9, 0)
         empty = st.patch(P00, "i")  # a band with nothing: an empty patch, not an error
         assert empty.cells() == [] and empty.depth_map().sum() == 0

@@ -191,7 +191,7 @@ def test_a_reader_holding_files_open_does_not_block_the_writer(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    from streamcoadd.verify import verify_state
+    from streamcoadd.analysis.verify import verify_state
 
     assert verify_state(st) == []
 
@@ -287,7 +287,7 @@ def test_readers_inside_a_read_do_not_block_the_daemon(tmp_path):
     assert auto["policy"] == os.SCHED_IDLE and before["policy"] == normal["policy"] \
         == os.sched_getscheduler(0)
     assert normal["nice"] == own          # opted out
-    from streamcoadd.verify import verify_state
+    from streamcoadd.analysis.verify import verify_state
 
     assert verify_state(st) == []
     assert torture.compare_states(ref, st) == []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import streamcoadd
-from streamcoadd.masks import CANONICAL_PLANES
-from streamcoadd.skymap import load_skymap
-from streamcoadd.warpio import write_warp
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import load_skymap
+from streamcoadd.io.warp_writer import write_warp
 
 ROOT = Path(__file__).resolve().parent.parent
 SKYMAP = ROOT / "config" / "skymap-demo.toml"

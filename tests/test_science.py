@@ -4,7 +4,7 @@ Pipeline, as a user runs it: simulate high-S/N stars (one per cell, 6 visits x 2
 per-visit PSFs varying across the field, weights differing by up to 4x, bad columns, cosmic
 rays, suspect patches, heavily masked cells), ``streamcoadd init``, ``streamcoadd ingest``,
 ``streamcoadd finalize``, then HSM adaptive moments of each star in its cell coadd versus
-the cell coadd PSF (see :mod:`streamcoadd.science`). Numbers are printed (``pytest -s``) and
+the cell coadd PSF (see :mod:`streamcoadd.analysis.science`). Numbers are printed (``pytest -s``) and
 discussed in ``docs/science.md``.
 """
 
@@ -21,9 +21,9 @@ from astropy.io import fits
 pytest.importorskip("galsim")
 
 import streamcoadd  # noqa: E402
-from streamcoadd.science import measure, summarize  # noqa: E402
-from streamcoadd.simulate import simulate  # noqa: E402
-from streamcoadd.skymap import CellId, PatchId  # noqa: E402
+from streamcoadd.analysis.science import measure, summarize  # noqa: E402
+from streamcoadd.core.skymap import CellId, PatchId  # noqa: E402
+from streamcoadd.io.simulate import simulate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 1e-3  # the issue's requirement on median |dT/T|, |de1|, |de2|

@@ -12,11 +12,12 @@ from astropy.table import Table
 
 pytest.importorskip("galsim")
 
-from streamcoadd.errors import UserError  # noqa: E402
-from streamcoadd.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.simulate import register, simulate  # noqa: E402
-from streamcoadd.skymap import load_skymap  # noqa: E402
-from streamcoadd.warp import read_warp  # noqa: E402
+from streamcoadd.cli.simulate import register
+from streamcoadd.core.errors import UserError  # noqa: E402
+from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
+from streamcoadd.core.skymap import load_skymap  # noqa: E402
+from streamcoadd.io.simulate import simulate  # noqa: E402
+from streamcoadd.io.warp_reader import read_warp  # noqa: E402
 
 BAD_PLANES = ("BAD", "SAT", "CR", "SUSPECT")
 

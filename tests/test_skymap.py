@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from astropy.wcs.utils import proj_plane_pixel_scales  # noqa: E402
 
-from streamcoadd.errors import UserError  # noqa: E402
-from streamcoadd.skymap import Box, CellId, PatchId, load_skymap, skymap_from_dict  # noqa: E402
+from streamcoadd.core.errors import UserError  # noqa: E402
+from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap, skymap_from_dict  # noqa: E402
 
 DEMO = ROOT / "config" / "skymap-demo.toml"
 LSST = ROOT / "config" / "skymap-lsst.toml"

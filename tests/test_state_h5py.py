@@ -21,12 +21,11 @@ for _p in (str(ROOT / "tests"), str(ROOT)):
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from streamcoadd.config import FoldConfig  # noqa: E402
-from streamcoadd.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
-
 from reference import close_rel, reference_coadd, run_cli  # noqa: E402
 from warpgen import make_warp, stack_warp_set, write_broken  # noqa: E402
+
+from streamcoadd.core.config import FoldConfig  # noqa: E402
+from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 SKYMAP = load_skymap(SKYMAP_FILE)

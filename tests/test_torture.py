@@ -48,9 +48,9 @@ def test_compare_states_detects_a_double_count(tmp_path):
     import json
     import sqlite3
 
-    from streamcoadd.cli import main
-    from streamcoadd.verify import verify_state
-    from streamcoadd.warp import file_hash
+    from streamcoadd.analysis.verify import verify_state
+    from streamcoadd.cli.main import main
+    from streamcoadd.core.warp import file_hash
 
     warps = torture.make_warp_set(tmp_path / "w", n=4, seed=3)
     sm = str(torture.SKYMAP)
@@ -76,7 +76,7 @@ def test_compare_states_detects_a_double_count(tmp_path):
 
 
 def test_hygiene_flags_debris(tmp_path):
-    from streamcoadd.cli import main
+    from streamcoadd.cli.main import main
 
     warps = torture.make_warp_set(tmp_path / "w", n=3, seed=4)
     st = tmp_path / "s"

@@ -19,9 +19,9 @@ torture = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("torture", torture)
 spec.loader.exec_module(torture)
 
-from streamcoadd.cli import main  # noqa: E402
-from streamcoadd.verify import verify_state  # noqa: E402
-from streamcoadd.warp import file_hash  # noqa: E402
+from streamcoadd.analysis.verify import verify_state  # noqa: E402
+from streamcoadd.cli.main import main  # noqa: E402
+from streamcoadd.core.warp import file_hash  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_debris_is_benign_and_repairable(state):
 
 
 def test_debris_of_a_running_writer_is_not_reported(state):
-    from streamcoadd.state import StateStore
+    from streamcoadd.store.state import StateStore
 
     st, _ = state
     cell = a_cell(st)

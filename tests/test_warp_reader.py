@@ -14,14 +14,20 @@ for _p in (str(ROOT / "tests"), str(ROOT)):
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from warpgen import (  # noqa: E402
+    BIT,
+    BROKEN_CASES,
+    canonical_to_planes,
+    generate,
+    shuffled_planes,
+    write_broken,
+    write_gen,
+)
 
-from streamcoadd.config import FoldConfig  # noqa: E402
-from streamcoadd.errors import WarpRejected  # noqa: E402
-from streamcoadd.skymap import Box, load_skymap  # noqa: E402
-from streamcoadd.warp import read_warp  # noqa: E402
-
-from warpgen import (BIT, BROKEN_CASES, canonical_to_planes, generate, shuffled_planes,  # noqa: E402
-                     write_broken, write_gen)
+from streamcoadd.core.config import FoldConfig  # noqa: E402
+from streamcoadd.core.errors import WarpRejected  # noqa: E402
+from streamcoadd.core.skymap import Box, load_skymap  # noqa: E402
+from streamcoadd.io.warp_reader import read_warp  # noqa: E402
 
 SKYMAP = load_skymap(ROOT / "config" / "skymap-demo.toml")
 TRACT = SKYMAP.tract(0)
@@ -110,7 +116,7 @@ def test_extra_unknown_plane_tolerated(tmp_path):
     planes_file = dict(planes, MY_PRIVATE_PLANE=free)
     mask = canonical_to_planes(g.mask, planes)
     mask[0, :10] |= np.int32(1 << free) if free < 31 else 0
-    from streamcoadd.warpio import write_warp
+    from streamcoadd.io.warp_writer import write_warp
     p = write_warp(tmp_path / "w.fits", tract=TRACT, xy0=g.xy0, image=g.image, mask=mask,
                    variance=g.variance, psf=g.psf, visit=1, detector=1, band="r",
                    mask_planes=planes_file)

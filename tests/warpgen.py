@@ -7,11 +7,11 @@ variance inf or NaN), defects (BAD column segments, CR blobs, SAT cores with a b
 a SUSPECT rectangle), informational bits (DETECTED, EDGE, NOT_DEBLENDED), optionally a heavily
 masked box (to trigger the fallback rule), a PSF as a single stamp or a grid (cube + positions),
 optional noise realizations, optional header ``WEIGHT`` and optional non-canonical mask bits.
-Everything is written through :func:`streamcoadd.warpio.write_warp`.
+Everything is written through :func:`streamcoadd.io.warp_writer.write_warp`.
 
 :func:`write_broken` writes one deliberately malformed file for every SPEC §2 rejection case.
 
-Masks are generated in the canonical bits (:data:`streamcoadd.masks.CANONICAL_PLANES`); with
+Masks are generated in the canonical bits (:data:`streamcoadd.core.masks.CANONICAL_PLANES`); with
 ``mask_planes`` the file is written with another bit assignment (the same planes, remapped).
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from streamcoadd.masks import CANONICAL_PLANES
-from streamcoadd.skymap import Box, Tract
-from streamcoadd.warpio import write_warp
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import Box, Tract
+from streamcoadd.io.warp_writer import write_warp
 
 BIT = {name: 1 << b for name, b in CANONICAL_PLANES.items()}
 

@@ -24,13 +24,12 @@ found, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sqlite3
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +64,7 @@ class _Checker:
 
     # ------------------------------------------------------------------ top level
     def run(self) -> list[Problem]:
-        from .state import STATE_FORMAT, STATE_VERSION
+        from streamcoadd.store.state import STATE_FORMAT, STATE_VERSION
 
         root = self.root
         sj = root / "state.json"
@@ -89,7 +88,7 @@ class _Checker:
                      "use the streamcoadd release that wrote this state")
             return self.problems
         try:
-            from .skymap import skymap_from_dict
+            from streamcoadd.core.skymap import skymap_from_dict
 
             self.skymap = skymap_from_dict(meta["skymap"], str(sj))
         except Exception as e:  # noqa: BLE001
@@ -281,7 +280,7 @@ class _Checker:
                 self.debris(f, "temporary file of an interrupted commit")
 
     def check_cell(self, path, d, wmap, tract, px, py, band, cx, cy, gen) -> set[str] | None:
-        from .cellfile import read_cell_file
+        from streamcoadd.store.cellfile import read_cell_file
 
         where = f"cell {cx}-{cy} of {d.relative_to(self.root)}"
         if not path.exists():
@@ -389,7 +388,7 @@ def repair(path) -> list[Path]:
     """Remove debris as a writer does on opening (takes the writer lock, so no writer is
     running), plus leftover ``*.tmp`` files of atomic writes in the state directory itself.
     Returns the files removed."""
-    from .state import StateStore
+    from streamcoadd.store.state import StateStore
 
     debris = [Path(p.path) for p in verify_state(path) if p.kind == "debris"]
     with StateStore.open(path, write=True):  # runs recover()
@@ -398,38 +397,3 @@ def repair(path) -> list[Path]:
     return [p for p in debris if not p.exists()]
 
 
-def cmd_verify(args) -> int:
-    root = Path(args.state)
-    if args.repair:
-        removed = repair(root)
-        print(f"repair: removed {len(removed)} debris file(s)")
-    problems = verify_state(root)
-    if args.json:
-        print(json.dumps([asdict(p) for p in problems], indent=2))
-        return 1 if problems else 0
-    pid = writer_pid(root)
-    if pid:
-        print(f"note: a writer (pid {pid}) is running; its in-progress files are not reported")
-    if not problems:
-        print(f"{root}: OK (state.json, ledger, every manifest and every cell file checked)")
-        return 0
-    errors = sum(p.severity == "error" for p in problems)
-    print(f"{root}: {errors} error(s), {len(problems) - errors} benign finding(s)")
-    for p in problems:
-        print(f"- {p}")
-        print(f"  what to do: {p.action}")
-    if errors == 0:
-        print("only benign findings: the state is consistent; the next writer tidies it up")
-    return 1
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("verify", help="check a state's integrity (every manifest, cell "
-                                             "file checksum, ledger) and say how to fix it")
-    p.add_argument("state")
-    p.add_argument("--json", action="store_true", help="problems as JSON")
-    p.add_argument("--repair", action="store_true",
-                   help="first remove debris of interrupted commits (as a writer does on "
-                        "opening; needs the writer lock)")
-    p.set_defaults(func=cmd_verify)
-    return p

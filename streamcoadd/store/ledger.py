@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .durable import crash_point
-from .errors import StateWriteError, write_error_message
+from streamcoadd.core.errors import StateWriteError, write_error_message
+from streamcoadd.store.durable import crash_point
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS warps (

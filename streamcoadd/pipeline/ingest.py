@@ -4,7 +4,7 @@
 makes every pending warp durable at once. Callers (``ingest``, the daemon) must keep a
 warp's file until ``commit()`` has returned its outcome: the files are the replay log.
 ``Ingestor.submit(path, then=next_path)`` reads and prepares the next file on a second
-core while ``path`` folds (``RunConfig.prefetch``; see :mod:`streamcoadd.loader`).
+core while ``path`` folds (``RunConfig.prefetch``; see :mod:`streamcoadd.pipeline.loader`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .config import RunConfig
-from .errors import WarpRejected
-from .fold import CellInput, PreparedWarp, fold_cell, shard_inputs  # noqa: F401 (re-export)
-from .ledger import WarpRecord
-from .loader import WarpLoader
-from .memory import retain_freed_memory
-from .state import Shard, StateStore
-from .warp import WarpId
+from streamcoadd.core.config import RunConfig
+from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.fold import CellInput, PreparedWarp, fold_cell, shard_inputs  # noqa: F401 (re-export)
+from streamcoadd.core.warp import WarpId
+from streamcoadd.pipeline.loader import WarpLoader
+from streamcoadd.pipeline.memory import retain_freed_memory
+from streamcoadd.store.ledger import WarpRecord
+from streamcoadd.store.state import Shard, StateStore
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from astropy.wcs import WCS
 
-from .errors import UserError
+from streamcoadd.core.errors import UserError
 
 
 @dataclass(frozen=True, order=True)

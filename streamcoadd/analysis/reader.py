@@ -43,14 +43,25 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from .cellfile import CELL_FORMAT, READABLE_VERSIONS, load_plane, read_cell_file
-from .errors import StateError, UserError
-from .finalize import BIT, CellCoadd, box_wcs, coadd_cell, contributors_table
-from .fold import GROUPS
-from .masks import bitmask
-from .psf import psf_moments
-from .skymap import Box, CellId, PatchId
-from .state import READ_RETRIES, STATE_VERSION, StateStore
+from streamcoadd.core.coadd import (
+    BIT,
+    CellCoadd,
+    box_wcs,
+    coadd_cell,
+    contributors_table,
+)
+from streamcoadd.core.errors import StateError, UserError
+from streamcoadd.core.fold import GROUPS
+from streamcoadd.core.masks import bitmask
+from streamcoadd.core.psf import psf_moments
+from streamcoadd.core.skymap import Box, CellId, PatchId
+from streamcoadd.store.cellfile import (
+    CELL_FORMAT,
+    READABLE_VERSIONS,
+    load_plane,
+    read_cell_file,
+)
+from streamcoadd.store.state import READ_RETRIES, STATE_VERSION, StateStore
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 AB_ZERO_NJY = 3631e9  # nJy of an AB magnitude 0 source
@@ -210,7 +221,7 @@ class CellView:
 
     @property
     def coadd(self) -> CellCoadd:
-        """The finalized coadd (:class:`streamcoadd.finalize.CellCoadd`)."""
+        """The finalized coadd (:class:`streamcoadd.analysis.finalize.CellCoadd`)."""
         return self._load()
 
     @property
@@ -224,7 +235,7 @@ class CellView:
 
     @property
     def mask(self) -> np.ndarray:
-        """int32 canonical mask bits (``streamcoadd.masks.CANONICAL_PLANES``)."""
+        """int32 canonical mask bits (``streamcoadd.core.masks.CANONICAL_PLANES``)."""
         return self._load().mask
 
     @property
@@ -687,7 +698,7 @@ def writer_holds_lock(root: str | Path) -> bool:
         with open("/proc/locks") as f:
             return any("FLOCK" in line and key in line.split() for line in f)
     except OSError:
-        from .daemon import read_status
+        from streamcoadd.store.status_file import read_status
 
         d = read_status(root)
         return bool(d and d.get("running"))

@@ -1,6 +1,6 @@
 """Write warp FITS files in the SPEC §2 layout (used by the simulator, tests and benchmarks).
 
-The inverse of :mod:`streamcoadd.warp`: an LSST afw-exposure-like file with a primary
+The inverse of :mod:`streamcoadd.io.warp_reader`: an LSST afw-exposure-like file with a primary
 header (VISIT, DETECTOR, BAND, TRACT, ...), ``IMAGE``, ``MASK``, ``VARIANCE``, ``PSF``
 (stamp, or cube plus ``PSFPOS`` table) and optional ``NOISEk`` HDUs.
 """
@@ -14,8 +14,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from .masks import CANONICAL_PLANES
-from .skymap import Tract
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import Tract
 
 
 def warp_header(tract: Tract, xy0: tuple[int, int], afw_style: bool = False) -> fits.Header:

@@ -24,10 +24,10 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5g, h5s, h5t
 
-from . import durable
-from .durable import crash_point, fsync_file
-from .fold import GROUPS, CellAccumulator, CellSums, Contributor
-from .skymap import Box, CellId, PatchId
+from streamcoadd.core.fold import GROUPS, CellAccumulator, CellSums, Contributor
+from streamcoadd.core.skymap import Box, CellId, PatchId
+from streamcoadd.store import durable
+from streamcoadd.store.durable import crash_point, fsync_file
 
 CELL_FORMAT = "streamcoadd-cell"
 CELL_VERSION = 2

@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError, WarpRejected
-from .fold import cell_input, prepare_warp, unfold_cell
-from .ledger import WarpRecord
-from .state import StateStore
-from .warp import _read_bytes, file_hash, read_warp
+from streamcoadd.core.errors import UserError, WarpRejected
+from streamcoadd.core.fold import cell_input, prepare_warp, unfold_cell
+from streamcoadd.core.warp import file_hash
+from streamcoadd.io.warp_reader import read_bytes as read_bytes
+from streamcoadd.io.warp_reader import read_warp
+from streamcoadd.store.ledger import WarpRecord
+from streamcoadd.store.state import StateStore
 
 
 @dataclass
@@ -37,7 +39,7 @@ def find_warp_file(rec: WarpRecord, files: list[Path], search: list[Path]) -> Pa
         candidates += [d / Path(rec.path).name, *sorted(d.glob("*.fits"))]
     for c in candidates:
         try:
-            if c.is_file() and file_hash(_read_bytes(str(c))) == rec.content_hash:
+            if c.is_file() and file_hash(read_bytes(str(c))) == rec.content_hash:
                 return c
         except WarpRejected:
             continue

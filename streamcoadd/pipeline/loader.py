@@ -9,7 +9,7 @@ in one background thread for the *next* file while the caller folds the current 
 At most ``depth`` warps are loaded ahead (each is a few hundred MB for a patch-sized warp),
 and every load runs in the same single thread, so loads never run concurrently with each
 other; within a load, a helper thread hashes the bytes and computes the weight while the
-loader parses and interpolates. Results, including rejections (:class:`~streamcoadd.errors.WarpRejected`), are
+loader parses and interpolates. Results, including rejections (:class:`~streamcoadd.core.errors.WarpRejected`), are
 handed back by :meth:`WarpLoader.take` exactly as a synchronous load would produce them.
 """
 
@@ -20,12 +20,20 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .config import FoldConfig
-from .errors import WarpRejected
-from .fold import (CellInput, PreparedWarp, good_variances, prepare_warp, shard_inputs,
-                   weight_from_variances)
-from .skymap import PatchId, SkyMap
-from .warp import _read_bytes, file_hash, read_warp
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.fold import (
+    CellInput,
+    PreparedWarp,
+    good_variances,
+    prepare_warp,
+    shard_inputs,
+    weight_from_variances,
+)
+from streamcoadd.core.skymap import PatchId, SkyMap
+from streamcoadd.core.warp import file_hash
+from streamcoadd.io.warp_reader import read_bytes as read_bytes
+from streamcoadd.io.warp_reader import read_warp
 
 
 @dataclass
@@ -57,7 +65,7 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig,
     (on its own copy of the good variances) while the bad pixels are interpolated.
     Raises :class:`WarpRejected` only if the file cannot be read at all."""
     signature = file_signature(path)  # before reading: a later change shows as a mismatch
-    data = _read_bytes(path)
+    data = read_bytes(path)
     hashing = aux.submit(file_hash, data) if aux is not None else None
     h = None if hashing else file_hash(data)
     try:

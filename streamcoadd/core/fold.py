@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.stats import SigmaClip
 
-from .config import FoldConfig
-from .errors import WarpRejected
-from .masks import CANONICAL_PLANES, bitmask
-from .psf import psf_moments, resize_stamp
-from .skymap import Box, CellId, PatchId, Tract
-from .warp import NO_DATA, WEIGHT_RANGE, Warp
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.masks import CANONICAL_PLANES, bitmask
+from streamcoadd.core.psf import psf_moments, resize_stamp
+from streamcoadd.core.skymap import Box, CellId, PatchId, Tract
+from streamcoadd.core.warp import NO_DATA, WEIGHT_RANGE, Warp
 
 GROUPS = ("good", "fallback")
 
@@ -63,7 +63,7 @@ class PreparedWarp:
         """Precompute ``w·I`` and ``w²·var`` in float64 once for the whole warp (a warp
         pixel falls into up to ~4 cells with their borders) and drop the float32 planes.
         The per-cell sums are then bit-identical to computing the products per cell.
-        Called by :meth:`WarpLoader.take <streamcoadd.loader.WarpLoader.take>` when the
+        Called by :meth:`WarpLoader.take <streamcoadd.pipeline.loader.WarpLoader.take>` when the
         warp is about to fold, so that only one warp's products are held at a time."""
         if self.w_image is None:
             w = np.float64(self.weight)

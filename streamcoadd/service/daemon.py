@@ -1,6 +1,6 @@
 """``streamcoadd watch``: the daemon that folds warps as they arrive in an inbox.
 
-The event source (which inbox files are complete) is :class:`streamcoadd.inbox.Inbox`; this
+The event source (which inbox files are complete) is :class:`streamcoadd.service.inbox.Inbox`; this
 module is what is done with a file (the ingest loop), plus locking, signals, logs and the
 status file.  Guarantees (see ``docs/operations.md``):
 
@@ -24,7 +24,6 @@ status file.  Guarantees (see ``docs/operations.md``):
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import errno
 import json
@@ -40,17 +39,18 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .durable import crash_point
-from .errors import UserError
-from .inbox import DEFAULT_PATTERNS, Inbox, fingerprint
-from .metrics import prometheus_text
+from streamcoadd.core.errors import UserError
+from streamcoadd.service.inbox import DEFAULT_PATTERNS, Inbox, fingerprint
+from streamcoadd.service.metrics import prometheus_text
+from streamcoadd.service.systemd import SdNotify
+from streamcoadd.store.durable import crash_point
+from streamcoadd.store.status_file import pid_alive, status_path
 
-log = logging.getLogger("streamcoadd.daemon")
+log = logging.getLogger("streamcoadd.service.daemon")
 
-STATUS_NAME = "daemon-status.json"
 
 # exit codes (documented in docs/operations.md and used by config/streamcoadd.service)
 EXIT_OK = 0
@@ -129,9 +129,9 @@ def load_config(path: str | None) -> tuple[DaemonConfig, dict]:
     """``[daemon]`` and ``[run]`` tables of the settings file (both optional): ``--config
     FILE``, else ``config/streamcoadd.toml`` of this checkout, else built-in defaults (the
     same rule as every other subcommand)."""
-    from .cli import _site_config
+    from streamcoadd.core.config import site_config as site_config
 
-    d = _site_config(path)
+    d = site_config(path)
     return DaemonConfig.from_dict(d.get("daemon", {})), dict(d.get("run", {}))
 
 
@@ -285,7 +285,7 @@ def clean_stale_tmp(directory: Path) -> list[Path]:
         return removed
     for de in entries:
         m = _TMP_RE.match(de.name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         try:
             if de.is_file(follow_symlinks=False):
@@ -299,7 +299,7 @@ def clean_stale_tmp(directory: Path) -> list[Path]:
 def is_write_error(e: BaseException) -> bool:
     """A failed write that freeing space (or fixing the disk) cures: the state's
     ``StateWriteError``, or ENOSPC / EDQUOT anywhere."""
-    from .errors import StateWriteError
+    from streamcoadd.core.errors import StateWriteError
 
     return isinstance(e, StateWriteError) or (isinstance(e, OSError)
                                               and e.errno in WRITE_ERRNOS)
@@ -320,39 +320,8 @@ def st_size(path: Path) -> int:
         return 0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _mb(n) -> str:
     return "?" if n is None else f"{n / 1e6:.1f} MB"
-
-
-def status_path(state_dir: str | os.PathLike) -> Path:
-    return Path(state_dir) / STATUS_NAME
-
-
-def read_status(state_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> dict | None:
-    """The daemon status (for ``streamcoadd status``), or None if no daemon ever ran.
-
-    Adds ``running``: the recorded process is alive on this host and has not reported
-    that it stopped.
-    """
-    p = Path(path) if path else status_path(state_dir)
-    try:
-        d = json.loads(p.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    alive = (d.get("host") == socket.gethostname() and isinstance(d.get("pid"), int)
-             and _pid_alive(d["pid"]))
-    d["running"] = bool(alive and d.get("state") not in ("stopped", "failed"))
-    return d
 
 
 def format_status(d: dict | None) -> str:
@@ -386,40 +355,6 @@ def format_status(d: dict | None) -> str:
     if d.get("last_error"):
         lines.append(f"  last error: {d['last_error']}")
     return "\n".join(lines)
-
-
-class _SdNotify:
-    """Optional systemd notification (Type=notify, WatchdogSec=); a no-op elsewhere."""
-
-    def __init__(self):
-        addr = os.environ.get("NOTIFY_SOCKET")
-        self.sock = None
-        if addr:
-            if addr.startswith("@"):
-                addr = "\0" + addr[1:]
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self.sock.connect(addr)
-                # never stall the daemon on a notify socket nobody reads (a full
-                # datagram queue would block send); a dropped ping is harmless
-                self.sock.setblocking(False)
-            except OSError:
-                self.sock = None
-        usec = os.environ.get("WATCHDOG_USEC")
-        self.watchdog = float(usec) / 1e6 / 2 if usec and usec.isdigit() else None
-        self._last = 0.0
-
-    def send(self, msg: str) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.send(msg.encode())
-            except OSError:
-                pass
-
-    def ping(self) -> None:
-        if self.watchdog and time.monotonic() - self._last >= self.watchdog:
-            self._last = time.monotonic()
-            self.send("WATCHDOG=1")
 
 
 # ---------------------------------------------------------------------------- the daemon
@@ -474,7 +409,7 @@ class Daemon:
         self.store = None
         self.ing = None
         self.inbox = None
-        self.notify = _SdNotify()
+        self.notify = SdNotify()
         self._last_take = 0.0
         # write-error pause: _pause_req is set where the error happens (possibly in the
         # middle of handling a commit's outcomes); the loop then enters the pause
@@ -528,8 +463,8 @@ class Daemon:
 
     # ---------------------------------------------------------------- main
     def run(self) -> int:
-        from .ingest import Ingestor
-        from .state import StateStore
+        from streamcoadd.pipeline.ingest import Ingestor
+        from streamcoadd.store.state import StateStore
 
         # the lock first: a second daemon must not touch anything
         self.store = StateStore.open(self.state_dir, write=True)
@@ -648,7 +583,7 @@ class Daemon:
 
     # ---------------------------------------------------------------- one file
     def _take(self, name: str) -> int | None:
-        from .errors import WarpRejected
+        from streamcoadd.core.errors import WarpRejected
 
         path = self.inbox_dir / name
         self._last_take = time.monotonic()
@@ -936,7 +871,7 @@ class Daemon:
         probe_dir = path or self.state_dir
         err = getattr(cause, "errno", None) or getattr(exc, "errno", None)
         first = first.split(". The state is")[0]  # the rest is said by the pause message
-        from .errors import StateWriteError
+        from streamcoadd.core.errors import StateWriteError
 
         if not isinstance(cause, StateWriteError) and getattr(cause, "strerror", None):
             first = cause.strerror
@@ -958,7 +893,7 @@ class Daemon:
             self.store.discard_uncommitted()
         finally:
             if self.ing is not None:
-                from .ingest import Ingestor
+                from streamcoadd.pipeline.ingest import Ingestor
 
                 self.ing = (self.make_ingestor or Ingestor)(self.store, self.run_config)
             names = [inf.name for inf in self.inflight.values()]
@@ -1184,126 +1119,3 @@ class Daemon:
                 self._status_err_at = now
                 log.error("cannot write status file %s: %s", self.status_file, e)
 
-
-# ---------------------------------------------------------------------------- CLI
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``watch`` subcommand to the ``streamcoadd`` CLI."""
-    p = subparsers.add_parser(
-        "watch", help="run the daemon: fold warps as they arrive in an inbox",
-        description="Watch INBOX and fold every complete warp file into STATE. Producers "
-                    "should write NAME.fits.tmp (or into INBOX/tmp/) and rename; other files "
-                    "are taken once their size and mtime are stable. Folded warps move to "
-                    "--done, rejected ones to --rejected with NAME.reason. Stop with SIGTERM "
-                    "or Ctrl-C (pending warps are committed first). See docs/operations.md.")
-    p.add_argument("state", metavar="STATE", help="state directory (created by 'streamcoadd init')")
-    p.add_argument("--inbox", metavar="DIR", help="directory to watch (created if missing)")
-    p.add_argument("--done", metavar="DIR",
-                   help="where folded and duplicate warps go (default: INBOX/../done)")
-    p.add_argument("--rejected", metavar="DIR",
-                   help="where rejected warps go, with NAME.reason (default: INBOX/../rejected)")
-    p.add_argument("--delete-done", action="store_true", default=None,
-                   help="delete folded warps instead of moving them to --done")
-    p.add_argument("--poll", type=float, metavar="SECONDS",
-                   help="poll the inbox every SECONDS instead of inotify (network filesystems)")
-    p.add_argument("--stable-seconds", type=float, metavar="S",
-                   help="a file not renamed into the inbox is taken once its size and mtime "
-                        "did not change for S seconds (default 5)")
-    p.add_argument("--reconcile", type=float, metavar="SECONDS", dest="reconcile_interval",
-                   help="full rescan of the inbox every SECONDS (default 60)")
-    p.add_argument("--until-idle", type=float, metavar="SECONDS",
-                   help="exit 0 after SECONDS with nothing to do and nothing pending")
-    p.add_argument("--commit-every", type=int, metavar="N",
-                   help="make folded warps durable every N warps (default from [run])")
-    p.add_argument("--commit-interval", type=float, metavar="S",
-                   help="... or at least every S seconds (default from [run])")
-    p.add_argument("--idle-commit", type=float, metavar="S",
-                   help="commit pending warps once nothing new was taken for S seconds "
-                        "(default 1; --commit-every/--commit-interval still apply)")
-    p.add_argument("--status-file", metavar="F", help="default STATE/daemon-status.json")
-    p.add_argument("--metrics-file", metavar="F",
-                   help="also write Prometheus text-format metrics to F (textfile collector)")
-    p.add_argument("--log-file", metavar="F", help="also log to F (logrotate-safe)")
-    p.add_argument("--log-json", action="store_true", default=None,
-                   help="log one JSON object per line")
-    p.add_argument("--on-stop", choices=("commit", "abandon"),
-                   help="at SIGTERM/SIGINT commit pending warps (default) or leave them in "
-                        "the inbox")
-    p.add_argument("--write-retry-initial", type=float, metavar="S",
-                   help="after a write error (disk full...) folding pauses; first check "
-                        "whether writing works again after S seconds (default 5)")
-    p.add_argument("--write-retry-max", type=float, metavar="S",
-                   help="... doubling the wait up to S seconds between checks (default 60)")
-    p.add_argument("--exit-on-write-error", action="store_const", const="exit",
-                   dest="on_write_error",
-                   help="exit with status 75 on a write error instead of pausing and "
-                        "resuming by itself (for a supervisor that restarts it)")
-    p.add_argument("--config", metavar="TOML",
-                   help="settings file with [daemon] and [run] tables "
-                        "(default: config/streamcoadd.toml, else built-in defaults)")
-    p.set_defaults(func=handler)
-    return p
-
-
-def _run_config(run: dict, args):
-    from .config import RunConfig
-
-    rc = RunConfig.from_dict(run) if run else RunConfig()
-    over = {}
-    if getattr(args, "commit_every", None) is not None:
-        if args.commit_every < 1:
-            raise UserError("--commit-every must be >= 1")
-        over["commit_every"] = args.commit_every
-    if getattr(args, "commit_interval", None) is not None:
-        if args.commit_interval < 0:
-            raise UserError("--commit-interval must be >= 0")
-        over["commit_interval"] = args.commit_interval
-    return replace(rc, **over) if over else rc
-
-
-def build_config(args) -> tuple[DaemonConfig, object]:
-    cfg, run = load_config(getattr(args, "config", None))
-    for name in ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
-                 "until_idle", "idle_commit", "status_file", "metrics_file", "log_file",
-                 "on_stop", "delete_done", "on_write_error", "write_retry_initial",
-                 "write_retry_max"):
-        v = getattr(args, name, None)
-        if v is not None:
-            setattr(cfg, name, v)
-    if getattr(args, "log_json", None):
-        cfg.log_format = "json"
-    cfg.validate()
-    return cfg, _run_config(run, args)
-
-
-def handler(args, make_ingestor=None) -> int:
-    try:
-        cfg, rc = build_config(args)
-        setup_logging(cfg)
-    except UserError as e:
-        print(f"streamcoadd watch: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        from .state import StateLocked
-    except ImportError:  # pragma: no cover - before the core exists
-        StateLocked = ()
-    d = Daemon(Path(args.state), cfg, rc, make_ingestor=make_ingestor)
-    try:
-        return d.run()
-    except StateLocked as e:
-        print(f"streamcoadd watch: {e}", file=sys.stderr)
-        return EXIT_LOCKED
-    except UserError as e:
-        print(f"streamcoadd watch: {e}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="streamcoadd")
-    sub = ap.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = ap.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

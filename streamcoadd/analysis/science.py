@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from .errors import UserError
-from .masks import bitmask
-from .psf import resize_stamp
-from .skymap import Box
-from .warp import read_warp
+from streamcoadd.core.errors import UserError
+from streamcoadd.core.masks import bitmask
+from streamcoadd.core.psf import resize_stamp
+from streamcoadd.core.skymap import Box
+from streamcoadd.io.warp_reader import read_warp
 
 FLAG_PLANES = ("INTRP", "INEXACT_PSF", "SAT", "NO_DATA")
 
@@ -37,9 +37,9 @@ FLAG_PLANES = ("INTRP", "INEXACT_PSF", "SAT", "NO_DATA")
 def hsm_moments(stamp: np.ndarray) -> tuple[float, float, float]:
     """HSM adaptive moments of a 2-D stamp: ``(T, e1, e2)``, T in px², e distortions
     (``T = 2 sigma² / sqrt(1 - e²)``). NaNs if HSM fails."""
-    from .simulate import _galsim
+    from streamcoadd.io.simulate import galsim_module as galsim_module
 
-    galsim = _galsim()
+    galsim = galsim_module()
     res = galsim.hsm.FindAdaptiveMom(galsim.Image(np.asarray(stamp, np.float64), scale=1.0),
                                      strict=False)
     if res.moments_status != 0:
@@ -97,7 +97,7 @@ def measure(state, sim_dir, band: str = "r", half: int = 12) -> Table:
       overlap rule, like a classic per-pixel coadd) vs the weighted mean PSF of the warps
       with good data at the star (what a classic CoaddPsf gives there).
     """
-    from .fold import warp_weight
+    from streamcoadd.core.fold import warp_weight
 
     sim_dir = Path(sim_dir)
     truth = Table.read(sim_dir / "truth.fits")

@@ -28,13 +28,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cellfile import read_cell_file, write_cell_file, write_cells_parallel
-from .config import FoldConfig
-from .durable import crash_point, fsync_dir, makedirs_durable, write_atomic
-from .errors import StateError, StateWriteError, UserError, write_error_message
-from .fold import CellAccumulator
-from .ledger import Ledger
-from .skymap import CellId, PatchId, SkyMap, skymap_from_dict
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.errors import (
+    StateError,
+    StateWriteError,
+    UserError,
+    write_error_message,
+)
+from streamcoadd.core.fold import CellAccumulator
+from streamcoadd.core.skymap import CellId, PatchId, SkyMap, skymap_from_dict
+from streamcoadd.store.cellfile import (
+    read_cell_file,
+    write_cell_file,
+    write_cells_parallel,
+)
+from streamcoadd.store.durable import (
+    crash_point,
+    fsync_dir,
+    makedirs_durable,
+    write_atomic,
+)
+from streamcoadd.store.ledger import Ledger
 
 STATE_FORMAT = "streamcoadd-state"
 STATE_VERSION = 1

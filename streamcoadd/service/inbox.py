@@ -1,6 +1,6 @@
 """The daemon's event source: which files in the inbox are complete and may be taken.
 
-This module only *finds* files; what is done with a file lives in :mod:`streamcoadd.daemon`
+This module only *finds* files; what is done with a file lives in :mod:`streamcoadd.service.daemon`
 (the same split as watchdog's observer / handler).  It follows the rules of
 ``notes/durability.md``:
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-log = logging.getLogger("streamcoadd.daemon")
+log = logging.getLogger("streamcoadd.service.daemon")
 
 DEFAULT_PATTERNS = ("*.fits", "*.fit", "*.fits.gz")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", "~", ".swp")

@@ -8,39 +8,27 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from .config import FoldConfig, RunConfig, load_toml
-from .errors import NoWorkFound, UserError
-from .memory import retain_freed_memory
-from .skymap import load_skymap
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "streamcoadd.toml"
-
-
-def _pair(text: str) -> tuple[int, int]:
-    try:
-        x, y = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X,Y (two integers), got {text!r}") from None
-    return x, y
-
-
-def _site_config(path: str | None) -> dict:
-    """The [fold]/[run]/[daemon] settings: --config FILE, else config/streamcoadd.toml
-    of this checkout if present, else built-in defaults."""
-    if path:
-        return load_toml(path)
-    return load_toml(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else {}
+from streamcoadd.cli import dask_options
+from streamcoadd.cli import plot as cli_plot
+from streamcoadd.cli import simulate as cli_simulate
+from streamcoadd.cli import verify as cli_verify
+from streamcoadd.cli import watch as cli_watch
+from streamcoadd.cli.options import parse_pair
+from streamcoadd.core.config import FoldConfig, RunConfig, site_config
+from streamcoadd.core.errors import NoWorkFound, UserError
+from streamcoadd.core.skymap import load_skymap
+from streamcoadd.core.version import __version__
+from streamcoadd.pipeline.memory import retain_freed_memory
 
 
 def run_config(args) -> RunConfig:
-    d = dict(_site_config(getattr(args, "config", None)).get("run", {}))
+    d = dict(site_config(getattr(args, "config", None)).get("run", {}))
     for key in ("commit_every", "commit_interval", "cache_gb", "prefetch", "commit_processes"):
         v = getattr(args, key, None)
         if v is not None:
@@ -50,10 +38,10 @@ def run_config(args) -> RunConfig:
 
 # ---------------------------------------------------------------------- init
 def cmd_init(args) -> int:
-    from .state import StateStore
+    from streamcoadd.store.state import StateStore
 
     skymap = load_skymap(args.skymap)
-    fold = FoldConfig.from_dict(_site_config(args.config).get("fold", {}))
+    fold = FoldConfig.from_dict(site_config(args.config).get("fold", {}))
     StateStore.create(args.state, skymap, fold)
     ntr = len(skymap.tracts)
     print(f"created state {args.state} (skymap {skymap.name!r}, {ntr} tract(s), "
@@ -76,7 +64,7 @@ def warp_files(paths: list[str]) -> list[Path]:
     return out
 
 
-def _progress(total: int, quiet: bool):
+def progress_bar(total: int, quiet: bool):
     try:
         if quiet:
             raise ImportError
@@ -98,8 +86,8 @@ def _progress(total: int, quiet: bool):
 
 
 def cmd_ingest(args) -> int:
-    from .ingest import Ingestor
-    from .state import StateStore
+    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.store.state import StateStore
 
     files = warp_files(args.paths)
     counts = {"folded": 0, "no_cells": 0, "duplicate": 0, "rejected": 0}
@@ -107,7 +95,7 @@ def cmd_ingest(args) -> int:
     t0 = time.perf_counter()
     with StateStore.open(args.state, write=True) as store:
         ing = Ingestor(store, run_config(args), allow_refold=args.allow_refold)
-        bar = _progress(len(files), args.quiet)
+        bar = progress_bar(len(files), args.quiet)
         try:
             for i, f in enumerate(files):
                 # the next file is read and prepared on a second core while f folds
@@ -136,8 +124,8 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_retract(args) -> int:
-    from .retract import retract
-    from .state import StateStore
+    from streamcoadd.pipeline.retract import retract
+    from streamcoadd.store.state import StateStore
 
     with StateStore.open(args.state, write=True) as store:
         rep = retract(store, args.visit, args.detector, args.tract, args.reason,
@@ -150,8 +138,8 @@ def cmd_retract(args) -> int:
 
 # ---------------------------------------------------------------------- finalize
 def cmd_finalize(args) -> int:
-    from .finalize import file_stem, finalize_patch
-    from .reader import open_state
+    from streamcoadd.analysis.finalize import file_stem, finalize_patch
+    from streamcoadd.analysis.reader import open_state
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +177,7 @@ def status_report(st, depth: bool = True) -> dict:
     (reads each cell's contributor list only)."""
     import numpy as np
 
-    from .reader import PatchView
+    from streamcoadd.analysis.reader import PatchView
 
     ledger = st.store.ledger
     warps = ledger.warps()
@@ -212,7 +200,7 @@ def status_report(st, depth: bool = True) -> dict:
             row["max_depth"] = int(populated.max()) if populated.size else 0
         shards.append(row)
     counts = [s["warps"] for s in shards]
-    from .daemon import read_status
+    from streamcoadd.store.status_file import read_status
 
     daemon = read_status(st.root)
     last = max([w.at for w in warps] + [s["updated"] for s in shards if s["updated"]],
@@ -256,7 +244,7 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
 
 
 def cmd_status(args) -> int:
-    from .reader import open_state
+    from streamcoadd.analysis.reader import open_state
 
     with open_state(args.state) as st:
         rep = status_report(st, depth=not getattr(args, "no_depth", False))
@@ -293,7 +281,7 @@ def cmd_status(args) -> int:
     else:
         print("no cell populated yet")
     if rep["daemon"]:
-        from .daemon import format_status
+        from streamcoadd.service.daemon import format_status
 
         print()
         print(format_status(rep["daemon"]))
@@ -308,7 +296,7 @@ def cmd_status(args) -> int:
 # ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamcoadd", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version="streamcoadd 0.1.0")
+    p.add_argument("--version", action="version", version=f"streamcoadd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="create a state from a skymap")
@@ -348,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("state")
     s.add_argument("--out", required=True)
     s.add_argument("--tract", type=int)
-    s.add_argument("--patch", type=_pair, help="X,Y")
-    s.add_argument("--cell", type=_pair, help="X,Y (one cell; with --patch)")
+    s.add_argument("--patch", type=parse_pair, help="X,Y")
+    s.add_argument("--cell", type=parse_pair, help="X,Y (one cell; with --patch)")
     s.add_argument("--band")
     s.add_argument("--workers", type=int,
                    help="processes finalizing cells in parallel (default: cores, at most 4)")
@@ -360,13 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    for name in ("simulate", "daemon", "verify", "plot", "distributed"):
-        try:
-            mod = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{name}":
-                raise
-            continue
+    for mod in (cli_simulate, cli_watch, cli_verify, cli_plot, dask_options):
         mod.register(sub)
     # read-only commands: yield to a running writer (docs/reliability.md, readers)
     for name in ("finalize", "status", "plot", "verify"):
@@ -389,7 +371,10 @@ def main(argv=None) -> int:
         return 2
     try:
         if getattr(args, "priority", None) and not getattr(args, "repair", False):
-            from .reader import lower_priority_for, set_default_priority
+            from streamcoadd.analysis.reader import (
+                lower_priority_for,
+                set_default_priority,
+            )
 
             set_default_priority(args.priority)
             lower_priority_for(args.state, args.priority)  # for the whole command
@@ -408,7 +393,7 @@ def main(argv=None) -> int:
             raise
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             # disk full anywhere else (the lock file, ...): a message, not a traceback
-            from .errors import write_error_message
+            from streamcoadd.core.errors import write_error_message
 
             print(f"streamcoadd: error: {write_error_message(e.filename or 'the state', e)}",
                   file=sys.stderr)

@@ -1,98 +1,35 @@
 """Read and validate warp FITS files (SPEC §2).
 
 :func:`read_warp` returns a :class:`Warp` with arrays in native byte order and the mask in
-canonical bits, or raises :class:`~streamcoadd.errors.WarpRejected` naming the file and the
+canonical bits, or raises :class:`~streamcoadd.core.errors.WarpRejected` naming the file and the
 problem.  Reading has no side effects: it never touches a state.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
-from .errors import UserError, WarpRejected
-from .masks import CANONICAL_PLANES, bitmask, planes_from_header, remap_to_canonical
-from .skymap import Box, SkyMap
+from streamcoadd.core.errors import UserError, WarpRejected
+from streamcoadd.core.masks import bitmask, planes_from_header, remap_to_canonical
+from streamcoadd.core.skymap import Box, SkyMap
+from streamcoadd.core.warp import (
+    NO_DATA,
+    WEIGHT_RANGE,
+    PsfModel,
+    Warp,
+    WarpId,
+    file_hash,
+)
 
-NO_DATA = 1 << CANONICAL_PLANES["NO_DATA"]
 MAX_WARP_BYTES = 8 * 2**30  # refuse absurd files before reading them
 WCS_TOLERANCE_PX = 1e-3
-# A warp's scalar weight (1/nJy^2) must lie in this range: outside it w^2 * var over- or
-# underflows float64 in the sums (an absurd WEIGHT header, or a variance plane in the
-# wrong units), which would leave non-finite accumulators in the state.
-WEIGHT_RANGE = (1e-30, 1e30)
-
-
-@dataclass(frozen=True)
-class WarpId:
-    """What makes a warp unique in a state: one (visit, detector) on one tract."""
-
-    tract: int
-    visit: int
-    detector: int
-
-    def __str__(self) -> str:
-        return f"visit {self.visit} detector {self.detector} (tract {self.tract})"
-
-
-@dataclass
-class PsfModel:
-    """PSF stamps on the tract pixel grid.
-
-    ``stamps``: (n, h, w) float64, odd h and w, centred. ``positions``: (n, 2) tract pixel
-    (x, y) where each applies, or ``None`` for a single stamp valid everywhere.
-    """
-
-    stamps: np.ndarray
-    positions: np.ndarray | None
-
-    def index_at(self, x: float, y: float) -> int:
-        """Index of the stamp nearest to tract pixel (x, y) (the grid is not interpolated)."""
-        if self.positions is None:
-            return 0
-        d2 = (self.positions[:, 0] - x) ** 2 + (self.positions[:, 1] - y) ** 2
-        return int(np.argmin(d2))
-
-    def at(self, x: float, y: float) -> np.ndarray:
-        return self.stamps[self.index_at(x, y)]
-
-
-@dataclass
-class Warp:
-    """One validated warp. Arrays have shape (H, W); pixel [0, 0] is tract pixel ``xy0``."""
-
-    path: str
-    content_hash: str  # sha256 of the file bytes
-    id: WarpId
-    band: str
-    xy0: tuple[int, int]
-    image: np.ndarray  # float32, nJy
-    mask: np.ndarray  # int32, canonical bits
-    variance: np.ndarray  # float32, nJy^2
-    psf: PsfModel
-    noise: list[np.ndarray]  # float32 noise realizations, same shape as image
-    weight_override: float | None = None
-    instrument: str = ""
-    physical_filter: str = ""
-    mjd: float = float("nan")
-    unknown_planes: tuple[str, ...] = ()
-
-    @property
-    def box(self) -> Box:
-        h, w = self.mask.shape  # (image and variance may be released after preparing)
-        return Box(self.xy0[0], self.xy0[1], self.xy0[0] + w, self.xy0[1] + h)
-
-
-def file_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realizations: int = 0,
@@ -106,13 +43,13 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
     """
     path = str(path)
     if data is None:
-        data = _read_bytes(path)
+        data = read_bytes(path)
     if content_hash is None:
         content_hash = file_hash(data)
     if len(data) == 0:
         raise WarpRejected(path, "the file is empty")
     if data[:2] == b"\x1f\x8b":
-        data = _gunzip(path, data)
+        data = gunzip(path, data)
     if not data.startswith(b"SIMPLE  ="):
         raise WarpRejected(path, "not a FITS file (it does not start with 'SIMPLE  =')")
     _check_declared_sizes(path, data)
@@ -196,7 +133,7 @@ def _check_declared_sizes(path: str, data: bytes) -> None:
         pos = start + -(-size // 2880) * 2880
 
 
-def _read_bytes(path: str) -> bytes:
+def read_bytes(path: str) -> bytes:
     try:
         size = os.path.getsize(path)
         if size > MAX_WARP_BYTES:
@@ -215,7 +152,7 @@ def _read_bytes(path: str) -> bytes:
         raise WarpRejected(path, f"cannot read the file: {e.strerror or e}") from None
 
 
-def _gunzip(path, data: bytes) -> bytes:
+def gunzip(path, data: bytes) -> bytes:
     """Decompress a gzipped warp (``.fits.gz``), refusing absurd expansion."""
     import zlib
 
@@ -243,7 +180,7 @@ def _hdu(path, hdul, name):
     return hdu
 
 
-def _int_key(path, header, key, where="primary header"):
+def int_key(path, header, key, where="primary header"):
     if key not in header:
         raise WarpRejected(path, f"{where} lacks required keyword {key}")
     v = header[key]
@@ -256,9 +193,9 @@ def _int_key(path, header, key, where="primary header"):
 
 def _parse(path, content_hash, hdul, skymap, bad_planes, noise_realizations) -> Warp:
     ph = hdul[0].header
-    visit = _int_key(path, ph, "VISIT")
-    detector = _int_key(path, ph, "DETECTOR")
-    tract_id = _int_key(path, ph, "TRACT")
+    visit = int_key(path, ph, "VISIT")
+    detector = int_key(path, ph, "DETECTOR")
+    tract_id = int_key(path, ph, "TRACT")
     band = ph.get("BAND")
     if not isinstance(band, str) or not band.strip() or len(band) > 32 \
             or not band.strip().replace("_", "").replace("-", "").isalnum():
@@ -294,7 +231,7 @@ def _parse(path, content_hash, hdul, skymap, bad_planes, noise_realizations) -> 
     if mask_raw.dtype.kind not in "iu":
         raise WarpRejected(path, "MASK must be an integer image")
 
-    xy0 = _pixel_origin(path, ih)
+    xy0 = pixel_origin(path, ih)
     box = Box(xy0[0], xy0[1], xy0[0] + image.shape[1], xy0[1] + image.shape[0])
     _check_wcs(path, ih, tract, xy0)
 
@@ -343,7 +280,7 @@ def _native(arr: np.ndarray, dtype) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
-def _pixel_origin(path, h) -> tuple[int, int]:
+def pixel_origin(path, h) -> tuple[int, int]:
     """Tract pixel of array element [0, 0], from LTV1/2 or CRVAL1A/2A (WCSNAMEA PHYSICAL)."""
     found = []
     if "LTV1" in h and "LTV2" in h:

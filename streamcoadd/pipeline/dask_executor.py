@@ -37,7 +37,6 @@ has committed it, i.e. it is durable. Exactly-once holds under Dask's own behavi
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
@@ -51,14 +50,23 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import UserError, WarpRejected
-from .ingest import Outcome, fold_into_shard, ledger_duplicate, shard_inputs
-from .ledger import WarpRecord
-from .skymap import Box, PatchId
-from .warp import WarpId, _pixel_origin, _read_bytes, file_hash, read_warp
+from streamcoadd.core.config import RunConfig
+from streamcoadd.core.errors import UserError, WarpRejected
+from streamcoadd.core.skymap import Box, PatchId
+from streamcoadd.core.version import __version__
+from streamcoadd.core.warp import WarpId, file_hash
+from streamcoadd.io.warp_reader import pixel_origin as pixel_origin
+from streamcoadd.io.warp_reader import read_bytes as read_bytes
+from streamcoadd.io.warp_reader import read_warp
+from streamcoadd.pipeline.ingest import (
+    Outcome,
+    fold_into_shard,
+    ledger_duplicate,
+    shard_inputs,
+)
+from streamcoadd.store.ledger import WarpRecord
 
-log = logging.getLogger("streamcoadd.distributed")
+log = logging.getLogger("streamcoadd.pipeline.dask_executor")
 
 ShardKey = tuple  # (tract, px, py, band): plain values, cheap to send to workers
 
@@ -84,8 +92,8 @@ class _Changed(Exception):
 def _worker_store(root: str):
     """This thread's worker store of ``root`` (shard-locking mode), kept between tasks so
     that a shard's accumulators stay in memory when its next task lands on the same worker."""
-    from .memory import retain_freed_memory
-    from .state import StateStore
+    from streamcoadd.pipeline.memory import retain_freed_memory
+    from streamcoadd.store.state import StateStore
 
     retain_freed_memory()  # workers allocate and free a warp's arrays again and again
     st = os.stat(os.path.join(root, "state.json"))
@@ -118,7 +126,7 @@ def _fresh_shard(store, patch: PatchId, band: str):
 def _prepared_warp(path: str, h: str, store, cache_bytes: int):
     """Read, validate and prepare a warp once per worker process (LRU by bytes): a warp
     spanning several patches is folded by several shard tasks, often on the same worker."""
-    from .fold import prepare_warp
+    from streamcoadd.core.fold import prepare_warp
 
     with _prepared_lock:
         hit = _prepared.get(h)
@@ -126,7 +134,7 @@ def _prepared_warp(path: str, h: str, store, cache_bytes: int):
             _prepared.move_to_end(h)
             return hit[0]
     _counters["warps_read"] += 1
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if file_hash(data) != h:
         raise _Changed()
     fold = store.fold
@@ -215,7 +223,7 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
     is skipped (``present``). Returns ``{"shard", "results", "commit", ...}`` with one
     result dict per warp, in the order given (``status`` one of folded, no_cells, present,
     rejected, changed, conflict, misrouted)."""
-    from .state import ShardConflict
+    from streamcoadd.store.state import ShardConflict
 
     t0 = time.perf_counter()
     tract_id, px, py, band = shard_key
@@ -262,7 +270,7 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
     once; then commit each shard on its own (lock + compare-and-swap), exactly as
     :func:`fold_shard_batch` does for one. ``groups``: [(shard key, [(path, sha256)])].
     Returns ``{"shards": {shard key: <fold_shard_batch result>}, ...}``."""
-    from .state import ShardConflict
+    from streamcoadd.store.state import ShardConflict
 
     t0 = time.perf_counter()
     read0 = _counters["warps_read"]
@@ -354,25 +362,26 @@ def _probe(path: str, data: bytes, store) -> _Probe:
     odd falls back to the full reader, whose rejection message is the reference one."""
     from astropy.io import fits
 
-    from .warp import _gunzip, _int_key
+    from streamcoadd.io.warp_reader import gunzip as gunzip
+    from streamcoadd.io.warp_reader import int_key as int_key
 
     try:
         if data[:2] == b"\x1f\x8b":  # .fits.gz: the hash is of the file as delivered
-            data = _gunzip(path, data)
+            data = gunzip(path, data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=True) as hdul:
                 ph = hdul[0].header
                 ih = hdul["IMAGE"].header
-                wid = WarpId(_int_key(path, ph, "TRACT"), _int_key(path, ph, "VISIT"),
-                             _int_key(path, ph, "DETECTOR"))
+                wid = WarpId(int_key(path, ph, "TRACT"), int_key(path, ph, "VISIT"),
+                             int_key(path, ph, "DETECTOR"))
                 band = ph["BAND"].strip()
                 if not band or len(band) > 32 or not band.replace("_", "").replace("-", "").isalnum():
                     raise ValueError("band")
                 store.skymap.tract(wid.tract)
                 if ih["NAXIS"] != 2:
                     raise ValueError("naxis")
-                x0, y0 = _pixel_origin(path, ih)
+                x0, y0 = pixel_origin(path, ih)
                 return _Probe(wid, band, Box(x0, y0, x0 + int(ih["NAXIS1"]),
                                              y0 + int(ih["NAXIS2"])))
     except Exception:  # noqa: BLE001 - the full reader says precisely what is wrong
@@ -404,7 +413,7 @@ def _contributing_patches(tract, box: Box, fold) -> list[PatchId]:
 
 
 class DistributedIngestor:
-    """The coordinator. Same contract as :class:`streamcoadd.ingest.Ingestor`
+    """The coordinator. Same contract as :class:`streamcoadd.pipeline.ingest.Ingestor`
     (``submit``, ``commit``, ``needs_commit``, ``pending``), so the daemon can use either:
     ``submit`` returns ``pending``, ``duplicate`` or ``rejected``; ``commit`` waits until
     every pending warp is durable in all its shards and returns their final outcomes.
@@ -537,7 +546,7 @@ class DistributedIngestor:
     # ------------------------------------------------------------------ submit
     def _submit(self, path: str) -> Outcome:
         store = self.store
-        data = _read_bytes(path)
+        data = read_bytes(path)
         h = file_hash(data)
         known = ledger_duplicate(store, path, h, self.allow_refold)
         if known is not None:
@@ -570,7 +579,7 @@ class DistributedIngestor:
             # Touches no patch: validate it fully here (nobody else will), then it is seen.
             fold = store.fold
             warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations)
-            from .fold import prepare_warp
+            from streamcoadd.core.fold import prepare_warp
 
             outcome.weight = prepare_warp(warp, fold).weight
             self._finish([_Item(outcome, path, set())])
@@ -862,9 +871,7 @@ def _first_line(e: BaseException) -> str:
 
 def _environment() -> dict:
     """Run as a task: what the cluster side runs (checked before any real work)."""
-    import streamcoadd
-
-    return {"streamcoadd": streamcoadd.__version__, "python": sys.version.split()[0],
+    return {"streamcoadd": __version__, "python": sys.version.split()[0],
             "host": os.uname().nodename}
 
 
@@ -872,8 +879,6 @@ def check_cluster(client, timeout: float = 120.0) -> dict:
     """Fail early, with a clear message, if the cluster cannot run streamcoadd tasks: the
     scheduler unpickles every task and the workers run them, so both need the same
     streamcoadd importable as this process (docs/scale-out.md)."""
-    import streamcoadd
-
     try:
         env = client.submit(_environment, pure=False).result(timeout=timeout)
     except TimeoutError:
@@ -883,9 +888,9 @@ def check_cluster(client, timeout: float = 120.0) -> dict:
         raise UserError("the Dask cluster cannot run streamcoadd tasks "
                         f"({type(e).__name__}: {_first_line(e)}); install the same streamcoadd "
                         "on the scheduler and the workers as here") from None
-    if env["streamcoadd"] != streamcoadd.__version__:
+    if env["streamcoadd"] != __version__:
         raise UserError(f"Dask workers run streamcoadd {env['streamcoadd']} (on "
-                        f"{env['host']}), this process {streamcoadd.__version__}: use one version")
+                        f"{env['host']}), this process {__version__}: use one version")
     return env
 
 
@@ -935,7 +940,7 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
     (folded, no_cells, duplicate, rejected, or failed = not done, deliver again).
     ``client``: an existing ``distributed.Client`` (else one is made from ``address``).
     ``progress(outcome)`` is called for every final outcome."""
-    from .state import StateStore
+    from streamcoadd.store.state import StateStore
 
     own_client = client is None
     if own_client:
@@ -987,115 +992,4 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
 
 # =============================================================================== CLI
 
-def register_ingest_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("scale-out (Dask distributed; docs/scale-out.md)")
-    g.add_argument("--dask", metavar="ADDRESS",
-                   help="fold on a Dask cluster: a scheduler address (tcp://host:8786) or "
-                        "local:N for N local worker processes")
-    g.add_argument("--dask-batch", type=int, metavar="N", dest="dask_batch",
-                   help="warps per shard task when the shard is idle (default "
-                        "--commit-every); a busy shard's next task takes up to 4N")
-    g.add_argument("--dask-retries", type=int, default=3, metavar="N", dest="dask_retries",
-                   help="retries of a failed shard task (default 3)")
 
-
-def cmd_ingest_dask(args) -> int:
-    from . import cli
-
-    files = cli.warp_files(args.paths)
-    rc = cli.run_config(args)
-    if args.dask_batch is not None and args.dask_batch < 1:
-        raise UserError("--dask-batch must be >= 1")
-    counts = {"folded": 0, "no_cells": 0, "duplicate": 0, "rejected": 0, "failed": 0}
-    bad: list[Outcome] = []
-    t0 = time.perf_counter()
-    bar = cli._progress(len(files), args.quiet)
-
-    def progress(o: Outcome) -> None:
-        counts[o.status] = counts.get(o.status, 0) + 1
-        if o.status in ("rejected", "failed"):
-            bad.append(o)
-        bar.update(1)
-        bar.set_postfix_str(f"{Path(o.path).name}: {o.status}")
-
-    try:
-        ingest_distributed(args.state, files, args.dask, rc, batch=args.dask_batch,
-                           retries=args.dask_retries, progress=progress,
-                           allow_refold=getattr(args, "allow_refold", False))
-    finally:
-        bar.close()
-    dt = time.perf_counter() - t0
-    st = getattr(ingest_distributed, "last_stats", {})
-    print(f"{len(files)} file(s) in {dt:.1f} s on Dask ({len(st.get('workers', ()))} "
-          f"worker process(es), {st.get('tasks', 0)} shard task(s)): {counts['folded']} "
-          f"folded, {counts['no_cells']} valid but covering no cell, {counts['duplicate']} "
-          f"already present, {counts['rejected']} rejected, {counts['failed']} failed")
-    by_reason: dict[tuple[str, str], list[str]] = {}
-    for o in bad:
-        by_reason.setdefault((o.status, o.reason), []).append(o.path)
-    for (status, reason), paths in by_reason.items():
-        if len(paths) == 1:
-            print(f"  {status} {paths[0]}: {reason}")
-        else:
-            more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
-            print(f"  {status} {len(paths)} files ({', '.join(paths[:3])}{more}): {reason}")
-    return 1 if bad else 0
-
-
-def cmd_watch_dask(args) -> int:
-    """``streamcoadd watch ... --dask ADDRESS``: the daemon, folding on a Dask cluster.
-    The daemon process is the coordinator (state lock, ledger, inbox); a batch of warps
-    leaves the inbox only when every shard task of every warp in it has returned."""
-    from . import daemon
-
-    if args.dask_batch is not None and args.dask_batch < 1:
-        print("streamcoadd watch: --dask-batch must be >= 1", file=sys.stderr)
-        return daemon.EXIT_ERROR
-    try:
-        client = connect(args.dask)
-    except UserError as e:
-        print(f"streamcoadd watch: {e}", file=sys.stderr)
-        return daemon.EXIT_ERROR
-    try:
-        check_cluster(client)
-    except UserError as e:
-        close(client)
-        print(f"streamcoadd watch: {e}", file=sys.stderr)
-        return daemon.EXIT_ERROR
-
-    notify = daemon._SdNotify()
-
-    def make_ingestor(store, run):
-        return DistributedIngestor(store, run, client, batch=args.dask_batch,
-                                   retries=args.dask_retries, log_failures=True,
-                                   logger=daemon.log, heartbeat=notify.ping)
-
-    try:
-        return daemon.handler(args, make_ingestor=make_ingestor)
-    finally:
-        try:
-            client.run(drop_worker_caches, str(Path(args.state).absolute()))
-        except Exception:  # noqa: BLE001
-            pass
-        close(client)
-
-
-def _wrap(parser: argparse.ArgumentParser, dask_cmd) -> None:
-    register_ingest_options(parser)
-    plain = parser.get_default("func")
-
-    def cmd(args, _plain=plain):
-        if getattr(args, "dask", None):
-            return dask_cmd(args)
-        return _plain(args)
-
-    parser.set_defaults(func=cmd)
-
-
-def register(subparsers) -> None:
-    """Called by ``streamcoadd.cli`` (after the core subcommands and the daemon's): add
-    ``--dask`` to ``ingest`` and ``watch``."""
-    if "ingest" in subparsers.choices:
-        _wrap(subparsers.choices["ingest"], cmd_ingest_dask)
-    if "watch" in subparsers.choices:
-        _wrap(subparsers.choices["watch"], cmd_watch_dask)

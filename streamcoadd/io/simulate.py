@@ -3,7 +3,7 @@
 ``simulate(outdir, ...)`` writes, for one tract of a cell-based skymap:
 
 * ``outdir/warps/*.fits`` — SPEC §2 warps (one per visit and detector) via
-  :func:`streamcoadd.warpio.write_warp`;
+  :func:`streamcoadd.io.warp_writer.write_warp`;
 * ``outdir/skymap.toml`` — the skymap used;
 * ``outdir/truth.fits`` — the scene: stars and galaxies, tract pixel ``x``/``y`` (0-based pixel
   centres), ``ra``/``dec`` (deg), ``flux`` (nJy), ``mag`` (AB), galaxy shape parameters;
@@ -40,17 +40,23 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
 
-from .errors import UserError
-from .masks import CANONICAL_PLANES
-from .skymap import Box, PatchId, SkyMap, Tract, load_skymap, skymap_from_dict
-from .warpio import write_warp
+from streamcoadd.core.errors import UserError
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import (
+    Box,
+    PatchId,
+    SkyMap,
+    Tract,
+    load_skymap,
+    skymap_from_dict,
+)
+from streamcoadd.io.warp_writer import write_warp
 
 # Same as config/skymap-demo.toml, built in so that simulate works from an installed package.
 DEMO_SKYMAP = {
@@ -67,7 +73,7 @@ AB_ZERO_NJY = 3631e9  # nJy of AB magnitude 0
 BIT = {name: np.int32(1 << b) for name, b in CANONICAL_PLANES.items()}
 
 
-def _galsim():
+def galsim_module():
     try:
         import galsim
     except ImportError:
@@ -428,7 +434,7 @@ def simulate(outdir, skymap=None, visits: int = 6, seed: int = 0, band: str = "r
     ``seconds``.
     """
     t_start = time.perf_counter()
-    galsim = _galsim()
+    galsim = galsim_module()
     if int(visits) < 1 or int(detectors) < 1 or int(noise_realizations) < 0:
         raise UserError("visits and detectors must be >= 1, noise realizations >= 0")
     sm = _as_skymap(skymap)
@@ -529,43 +535,4 @@ def _as_skymap(skymap) -> SkyMap:
 
 # ---------------------------------------------------------------- CLI
 
-def register(subparsers) -> None:
-    """Add the ``simulate`` subcommand to an argparse ``add_subparsers()`` object."""
-    p = subparsers.add_parser(
-        "simulate", help="write simulated warps (GalSim) plus skymap and truth catalogue",
-        description="Simulate visits of stars and galaxies with GalSim and write SPEC warps "
-                    "to OUTDIR/warps, with OUTDIR/skymap.toml, truth.fits, visits.ecsv.")
-    p.add_argument("outdir", help="output directory (created; must not hold warps already)")
-    p.add_argument("--skymap", help="skymap TOML (default: built-in demo skymap)")
-    p.add_argument("--tract", type=int, help="tract id (default: the first of the skymap)")
-    p.add_argument("--visits", type=int, default=6, help="number of visits (default 6)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--band", default="r", help="band name (default r)")
-    p.add_argument("--detectors", type=int, default=2, help="detectors per visit (default 2)")
-    p.add_argument("--noise-realizations", type=int, default=0,
-                   help="NOISEk HDUs per warp (default 0)")
-    p.add_argument("--no-psf-grid", action="store_true",
-                   help="one PSF per visit instead of a per-cell PSF grid")
-    p.add_argument("--stars-only", action="store_true",
-                   help="one isolated star per cell, no galaxies (for PSF validation)")
-    p.add_argument("--high-snr", action="store_true", help="noise x 0.01")
-    p.add_argument("--no-defects", action="store_true", help="no bad pixels, CRs, etc.")
-    p.add_argument("--overwrite", action="store_true", help="replace existing warps in OUTDIR")
-    p.set_defaults(func=run_cli)
 
-
-def run_cli(args) -> int:
-    """Handler of ``streamcoadd simulate``; returns the exit code."""
-    try:
-        s = simulate(args.outdir, skymap=args.skymap, visits=args.visits, seed=args.seed,
-                     band=args.band, detectors=args.detectors, psf_grid=not args.no_psf_grid,
-                     noise_realizations=args.noise_realizations, stars_only=args.stars_only,
-                     defects=not args.no_defects, high_snr=args.high_snr, tract=args.tract,
-                     overwrite=args.overwrite, progress=print)
-    except UserError as e:
-        print(f"streamcoadd simulate: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(s['warps'])} warps ({s['visits']} visits, {s['n_stars']} stars, "
-          f"{s['n_galaxies']} galaxies) to {s['outdir']}/warps in {s['seconds']:.1f} s; "
-          f"skymap {s['outdir']}/skymap.toml, truth {s['outdir']}/truth.fits")
-    return 0

@@ -12,8 +12,8 @@ except ModuleNotFoundError:  # Python 3.10
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import UserError
-from .masks import CANONICAL_PLANES
+from streamcoadd.core.errors import UserError
+from streamcoadd.core.masks import CANONICAL_PLANES
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,15 @@ def load_toml(path: str | Path) -> dict:
         raise UserError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
+
+
+# The checkout's own settings file, used when no --config is given (absent in a wheel).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "streamcoadd.toml"
+
+
+def site_config(path: str | Path | None) -> dict:
+    """The ``[fold]``/``[run]``/``[daemon]`` settings: ``path`` if given, else
+    ``config/streamcoadd.toml`` of this checkout if present, else built-in defaults ({})."""
+    if path:
+        return load_toml(path)
+    return load_toml(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else {}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NoWorkFound, UserError
-from .skymap import Box, PatchId
+from streamcoadd.core.errors import NoWorkFound, UserError
+from streamcoadd.core.skymap import Box, PatchId
 
 KINDS = ("depth", "weight", "psf", "quicklook")
 MAX_IMAGE_PX = 3000  # quick-looks larger than this are block-averaged down
@@ -411,7 +411,7 @@ def stitched_image(view: View, f: int = 1):
     """(image, sat, box) of the view, binned ``f`` x ``f`` (mean; ``sat`` where any pixel
     has SAT): one stitched patch (its cell grid), or the patches' inner regions placed in
     the tract, one patch at a time so memory stays that of one patch plus the result."""
-    from .finalize import BIT
+    from streamcoadd.core.coadd import BIT
 
     sat_bit = BIT["SAT"]
     if view.patch is not None:
@@ -595,30 +595,4 @@ def save(fig, out: str | Path, dpi: int = 150) -> Path:
 
 # --------------------------------------------------------------------------- CLI
 
-def cmd_plot(args) -> int:
-    _mpl()  # fail early and plainly when matplotlib is missing
-    from .reader import open_state
 
-    with open_state(args.state) as st:
-        fig = make_figure(args.kind, st, args.band, args.tract, args.patch)
-        out = save(fig, args.out, args.dpi)
-    print(f"wrote {out} ({args.kind})")
-    return 0
-
-
-def register(subparsers) -> None:
-    from .cli import _pair
-
-    s = subparsers.add_parser(
-        "plot", help="depth / weight / PSF maps or a quick-look image as a PNG",
-        description="Draw a picture of the state: 'depth' (inputs per cell), 'weight' "
-                    "(effective weight per cell), 'psf' (coadd PSF FWHM and ellipticity per "
-                    "cell) or 'quicklook' (the stitched coadd). Needs matplotlib.")
-    s.add_argument("kind", choices=KINDS)
-    s.add_argument("state")
-    s.add_argument("--out", required=True, help="output image (PNG; the suffix picks the format)")
-    s.add_argument("--patch", type=_pair, help="X,Y: one patch (default: the whole tract)")
-    s.add_argument("--band", help="band (default: the only band of the state)")
-    s.add_argument("--tract", type=int, help="tract id (default: the only populated tract)")
-    s.add_argument("--dpi", type=int, default=150)
-    s.set_defaults(func=cmd_plot)

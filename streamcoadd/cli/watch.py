@@ -1,0 +1,138 @@
+"""TODO docstring (cli.watch, split from daemon.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from streamcoadd.core.errors import UserError
+from streamcoadd.service.daemon import (
+    EXIT_ERROR,
+    EXIT_LOCKED,
+    Daemon,
+    DaemonConfig,
+    load_config,
+    setup_logging,
+)
+
+
+# ---------------------------------------------------------------------------- CLI
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``watch`` subcommand to the ``streamcoadd`` CLI."""
+    p = subparsers.add_parser(
+        "watch", help="run the daemon: fold warps as they arrive in an inbox",
+        description="Watch INBOX and fold every complete warp file into STATE. Producers "
+                    "should write NAME.fits.tmp (or into INBOX/tmp/) and rename; other files "
+                    "are taken once their size and mtime are stable. Folded warps move to "
+                    "--done, rejected ones to --rejected with NAME.reason. Stop with SIGTERM "
+                    "or Ctrl-C (pending warps are committed first). See docs/operations.md.")
+    p.add_argument("state", metavar="STATE", help="state directory (created by 'streamcoadd init')")
+    p.add_argument("--inbox", metavar="DIR", help="directory to watch (created if missing)")
+    p.add_argument("--done", metavar="DIR",
+                   help="where folded and duplicate warps go (default: INBOX/../done)")
+    p.add_argument("--rejected", metavar="DIR",
+                   help="where rejected warps go, with NAME.reason (default: INBOX/../rejected)")
+    p.add_argument("--delete-done", action="store_true", default=None,
+                   help="delete folded warps instead of moving them to --done")
+    p.add_argument("--poll", type=float, metavar="SECONDS",
+                   help="poll the inbox every SECONDS instead of inotify (network filesystems)")
+    p.add_argument("--stable-seconds", type=float, metavar="S",
+                   help="a file not renamed into the inbox is taken once its size and mtime "
+                        "did not change for S seconds (default 5)")
+    p.add_argument("--reconcile", type=float, metavar="SECONDS", dest="reconcile_interval",
+                   help="full rescan of the inbox every SECONDS (default 60)")
+    p.add_argument("--until-idle", type=float, metavar="SECONDS",
+                   help="exit 0 after SECONDS with nothing to do and nothing pending")
+    p.add_argument("--commit-every", type=int, metavar="N",
+                   help="make folded warps durable every N warps (default from [run])")
+    p.add_argument("--commit-interval", type=float, metavar="S",
+                   help="... or at least every S seconds (default from [run])")
+    p.add_argument("--idle-commit", type=float, metavar="S",
+                   help="commit pending warps once nothing new was taken for S seconds "
+                        "(default 1; --commit-every/--commit-interval still apply)")
+    p.add_argument("--status-file", metavar="F", help="default STATE/daemon-status.json")
+    p.add_argument("--metrics-file", metavar="F",
+                   help="also write Prometheus text-format metrics to F (textfile collector)")
+    p.add_argument("--log-file", metavar="F", help="also log to F (logrotate-safe)")
+    p.add_argument("--log-json", action="store_true", default=None,
+                   help="log one JSON object per line")
+    p.add_argument("--on-stop", choices=("commit", "abandon"),
+                   help="at SIGTERM/SIGINT commit pending warps (default) or leave them in "
+                        "the inbox")
+    p.add_argument("--write-retry-initial", type=float, metavar="S",
+                   help="after a write error (disk full...) folding pauses; first check "
+                        "whether writing works again after S seconds (default 5)")
+    p.add_argument("--write-retry-max", type=float, metavar="S",
+                   help="... doubling the wait up to S seconds between checks (default 60)")
+    p.add_argument("--exit-on-write-error", action="store_const", const="exit",
+                   dest="on_write_error",
+                   help="exit with status 75 on a write error instead of pausing and "
+                        "resuming by itself (for a supervisor that restarts it)")
+    p.add_argument("--config", metavar="TOML",
+                   help="settings file with [daemon] and [run] tables "
+                        "(default: config/streamcoadd.toml, else built-in defaults)")
+    p.set_defaults(func=handler)
+    return p
+
+
+def _run_config(run: dict, args):
+    from streamcoadd.core.config import RunConfig
+
+    rc = RunConfig.from_dict(run) if run else RunConfig()
+    over = {}
+    if getattr(args, "commit_every", None) is not None:
+        if args.commit_every < 1:
+            raise UserError("--commit-every must be >= 1")
+        over["commit_every"] = args.commit_every
+    if getattr(args, "commit_interval", None) is not None:
+        if args.commit_interval < 0:
+            raise UserError("--commit-interval must be >= 0")
+        over["commit_interval"] = args.commit_interval
+    return replace(rc, **over) if over else rc
+
+
+def build_config(args) -> tuple[DaemonConfig, object]:
+    cfg, run = load_config(getattr(args, "config", None))
+    for name in ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
+                 "until_idle", "idle_commit", "status_file", "metrics_file", "log_file",
+                 "on_stop", "delete_done", "on_write_error", "write_retry_initial",
+                 "write_retry_max"):
+        v = getattr(args, name, None)
+        if v is not None:
+            setattr(cfg, name, v)
+    if getattr(args, "log_json", None):
+        cfg.log_format = "json"
+    cfg.validate()
+    return cfg, _run_config(run, args)
+
+
+def handler(args, make_ingestor=None) -> int:
+    try:
+        cfg, rc = build_config(args)
+        setup_logging(cfg)
+    except UserError as e:
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        from streamcoadd.store.state import StateLocked
+    except ImportError:  # pragma: no cover - before the core exists
+        StateLocked = ()
+    d = Daemon(Path(args.state), cfg, rc, make_ingestor=make_ingestor)
+    try:
+        return d.run()
+    except StateLocked as e:
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except UserError as e:
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="streamcoadd")
+    sub = ap.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = ap.parse_args(argv)
+    return args.func(args)
