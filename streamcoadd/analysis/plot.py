@@ -20,11 +20,13 @@ matplotlib ``Figure`` for use from Python.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from streamcoadd.core.coadd import BIT
 from streamcoadd.core.errors import NoWorkFound, UserError
 from streamcoadd.core.skymap import Box, PatchId
 
@@ -35,7 +37,7 @@ EMPTY_COLOR = "#d9d9d9"
 HATCH_COLOR = "#8c8c8c"
 
 
-def _mpl():
+def require_matplotlib():
     """Import matplotlib (Agg, no pyplot state) or fail with one clear line."""
     try:
         import matplotlib
@@ -150,7 +152,7 @@ def cell_map(view: View, table, column: str) -> CellMap:
 
 
 def _new_figure(view: View, width: float = 8.6, height: float = 7.4):
-    _mpl()
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -252,7 +254,7 @@ def _annotate_values(ax, cm: CellMap, fmt, cmap, norm, fontsize=None):
 
 def depth_figure(view: View, table=None):
     """Inputs per cell."""
-    _mpl()
+    require_matplotlib()
     from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm
 
@@ -285,7 +287,7 @@ def depth_figure(view: View, table=None):
 
 def weight_figure(view: View, table=None):
     """Effective weight (median Σw over each inner box) per cell."""
-    _mpl()
+    require_matplotlib()
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
@@ -335,7 +337,7 @@ def _nice_sigmas(wmax: float) -> list[float]:
 
 def psf_figure(view: View, table=None):
     """Coadd PSF FWHM per cell with ellipticity whiskers."""
-    _mpl()
+    require_matplotlib()
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
@@ -411,8 +413,6 @@ def stitched_image(view: View, f: int = 1):
     """(image, sat, box) of the view, binned ``f`` x ``f`` (mean; ``sat`` where any pixel
     has SAT): one stitched patch (its cell grid), or the patches' inner regions placed in
     the tract, one patch at a time so memory stays that of one patch plus the result."""
-    from streamcoadd.core.coadd import BIT
-
     sat_bit = BIT["SAT"]
     if view.patch is not None:
         ccd = view.patch.stitched()
@@ -445,8 +445,6 @@ def _block_reduce(a: np.ndarray, f: int, fn=np.nanmean):
         return a[:h, :w].reshape(h // f, f, w // f, f).any(axis=(1, 3))
     h, w = (a.shape[0] // f) * f, (a.shape[1] // f) * f
     v = a[:h, :w].reshape(h // f, f, w // f, f)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return fn(v, axis=(1, 3))
@@ -469,7 +467,7 @@ def stretch_limits(image: np.ndarray) -> tuple[float, float]:
 
 def quicklook_figure(view: View, table=None):
     """Stitched coadd, asinh stretch, cell grid, empty cells hatched, colour bar in nJy."""
-    _mpl()
+    require_matplotlib()
     from astropy.visualization import AsinhStretch, ImageNormalize
     from matplotlib import colormaps
     from matplotlib.patches import Patch, Rectangle
@@ -579,7 +577,7 @@ def make_figure(kind: str, st, band=None, tract=None, patch=None):
     """The matplotlib Figure of ``kind`` for an open state."""
     if kind not in FIGURES:
         raise UserError(f"unknown plot {kind!r}; choose from {', '.join(KINDS)}")
-    _mpl()
+    require_matplotlib()
     view = select(st, band, tract, patch)
     return FIGURES[kind](view)
 
@@ -596,3 +594,6 @@ def save(fig, out: str | Path, dpi: int = 150) -> Path:
 # --------------------------------------------------------------------------- CLI
 
 
+
+
+_mpl = require_matplotlib  # the name cli/plot.py still imports (removed with it)

@@ -26,9 +26,11 @@ import numpy as np
 from astropy.table import Table
 
 from streamcoadd.core.errors import UserError
+from streamcoadd.core.fold import warp_weight
 from streamcoadd.core.masks import bitmask
 from streamcoadd.core.psf import resize_stamp
 from streamcoadd.core.skymap import Box
+from streamcoadd.io.simulate import galsim_module
 from streamcoadd.io.warp_reader import read_warp
 
 FLAG_PLANES = ("INTRP", "INEXACT_PSF", "SAT", "NO_DATA")
@@ -37,8 +39,6 @@ FLAG_PLANES = ("INTRP", "INEXACT_PSF", "SAT", "NO_DATA")
 def hsm_moments(stamp: np.ndarray) -> tuple[float, float, float]:
     """HSM adaptive moments of a 2-D stamp: ``(T, e1, e2)``, T in px², e distortions
     (``T = 2 sigma² / sqrt(1 - e²)``). NaNs if HSM fails."""
-    from streamcoadd.io.simulate import galsim_module as galsim_module
-
     galsim = galsim_module()
     res = galsim.hsm.FindAdaptiveMom(galsim.Image(np.asarray(stamp, np.float64), scale=1.0),
                                      strict=False)
@@ -97,8 +97,6 @@ def measure(state, sim_dir, band: str = "r", half: int = 12) -> Table:
       overlap rule, like a classic per-pixel coadd) vs the weighted mean PSF of the warps
       with good data at the star (what a classic CoaddPsf gives there).
     """
-    from streamcoadd.core.fold import warp_weight
-
     sim_dir = Path(sim_dir)
     truth = Table.read(sim_dir / "truth.fits")
     stars = truth[truth["type"] == "star"]
