@@ -56,10 +56,12 @@ class PreparedWarp:
     # then ``image`` and ``variance`` are dropped
     w_image: np.ndarray | None = None
     w2_variance: np.ndarray | None = None
+    # outline of the valid pixels in tract pixels (see :func:`valid_footprint`)
+    footprint: tuple[tuple[float, float], ...] = ()
 
     _moments: dict = field(default_factory=dict)
 
-    def with_products(self) -> "PreparedWarp":
+    def with_products(self) -> PreparedWarp:
         """Precompute ``w·I`` and ``w²·var`` in float64 once for the whole warp (a warp
         pixel falls into up to ~4 cells with their borders) and drop the float32 planes.
         The per-cell sums are then bit-identical to computing the products per cell.
@@ -157,7 +159,28 @@ def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False,
         or_mask = np.where(valid, warp.mask & np.int32(keep), np.int32(0))
     return PreparedWarp(warp=warp, weight=weight, image=filled[0], variance=filled[1],
                         noise=filled[2:], valid=valid, bad=bad, or_mask=or_mask,
-                        planes=propagated)
+                        planes=propagated, footprint=valid_footprint(valid, warp.xy0))
+
+
+def valid_footprint(valid: np.ndarray, xy0: tuple[int, int]) -> tuple[tuple[float, float], ...]:
+    """Counter-clockwise convex hull of the corners of the ``valid`` pixels, in tract pixel
+    coordinates (pixel centres on integers, as the tract WCS: pixel (x, y) spans
+    x-0.5..x+0.5). Only each row's leftmost and rightmost valid pixel can be a hull vertex,
+    so the hull is taken over their corners (4 points per row). Empty when nothing is valid.
+    """
+    from scipy.spatial import ConvexHull
+
+    rows = np.flatnonzero(valid.any(axis=1))
+    if rows.size == 0:
+        return ()
+    sub = valid[rows]
+    left = np.argmax(sub, axis=1)
+    right = sub.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
+    x = np.concatenate([left - 0.5, left - 0.5, right + 0.5, right + 0.5]) + xy0[0]
+    y = np.concatenate([rows - 0.5, rows + 0.5, rows - 0.5, rows + 0.5]) + xy0[1]
+    pts = np.column_stack([x, y])
+    hull = ConvexHull(pts)  # 2-D vertices come counter-clockwise
+    return tuple((float(pts[i, 0]), float(pts[i, 1])) for i in hull.vertices)
 
 
 def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
@@ -231,6 +254,12 @@ class Contributor:
     instrument: str = ""
     physical_filter: str = ""
     mjd: float = float("nan")
+    # sum of the input's PSF stamp at the cell centre, before resizing (NaN: not recorded)
+    psf_sum: float = float("nan")
+    # outline of the warp's valid (not NO_DATA) pixels in tract pixel coordinates (pixel
+    # centres on integers, as the tract WCS), counter-clockwise: the convex hull of the
+    # valid pixels' corners; the same for every cell of one warp (empty: not recorded)
+    footprint: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass
@@ -248,6 +277,20 @@ class CellSums:
       (OR of the inputs' kept mask bits) is derived from them, unless ``mask_bits`` holds
       it (a cell read for a coadd only, without its counts);
     - ``planes[name]``: weight of inputs carrying that propagated plane.
+
+    Integer counts (int32 arrays of the outer shape; None / absent = all zero) decide
+    coverage and flags, so that a retraction is exact (the float sums are snapped to exactly
+    0 where a count reaches 0):
+
+    - ``n_full``: inputs with data on every pixel of the outer box (a scalar);
+    - ``n_partial``: the other inputs with data at each pixel;
+    - ``n_interp``: inputs interpolated at each pixel;
+    - ``plane_counts[name]``: inputs carrying a propagated plane at each pixel;
+    - ``counted``: the counts are complete. False for a group read from a version-1 cell
+      file (no counts): coverage and flags then fall back to the float tests.
+    - ``w_peak``: the largest total weight (``psf_w``) the group has held since it was
+      built by folds alone; bounds the round-off left by retractions (see
+      :func:`needs_rebuild`).
     """
 
     shape: tuple[int, int]
@@ -263,14 +306,27 @@ class CellSums:
     planes: dict[str, np.ndarray] = field(default_factory=dict)
     bit_counts: dict[int, np.ndarray] = field(default_factory=dict)  # bit -> int32 count
     contributors: list[Contributor] = field(default_factory=list)
+    n_full: int = 0
+    n_partial: np.ndarray | None = None
+    n_interp: np.ndarray | None = None
+    plane_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    counted: bool = False
+    w_peak: float = 0.0
 
     @classmethod
-    def zeros(cls, shape: tuple[int, int], psf_size: int, n_noise: int) -> "CellSums":
+    def zeros(cls, shape: tuple[int, int], psf_size: int, n_noise: int) -> CellSums:
         shape = tuple(shape)
         return cls(shape=shape, sum_wI=np.zeros(shape, np.float64),
                    sum_w2var=np.zeros(shape, np.float64),
                    noise=np.zeros((n_noise, *shape), np.float64),
-                   psf_sum=np.zeros((psf_size, psf_size), np.float64))
+                   psf_sum=np.zeros((psf_size, psf_size), np.float64), counted=True)
+
+    @property
+    def n_data(self) -> np.ndarray:
+        """Number of inputs with data at each pixel (int32, (H, W); a new array)."""
+        if self.n_partial is None:
+            return np.full(self.shape, self.n_full, np.int32)
+        return self.n_partial + np.int32(self.n_full)
 
     @property
     def sum_w(self) -> np.ndarray:
@@ -298,7 +354,8 @@ class CellSums:
     @property
     def nbytes(self) -> int:
         arrays = [self.sum_wI, self.sum_w2var, self.w_partial, self.interp, self.mask_bits,
-                  self.noise, self.psf_sum, *self.planes.values(), *self.bit_counts.values()]
+                  self.noise, self.psf_sum, *self.planes.values(), *self.bit_counts.values(),
+                  self.n_partial, self.n_interp, *self.plane_counts.values()]
         return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -393,9 +450,11 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
                                                  config.noise_realizations)
     accumulate_pixels(sums, pw, acc.outer)
     w = np.float64(pw.weight)
-    stamp = resize_stamp(pw.warp.psf.at(*cin.centre), config.psf_size)
+    raw = pw.warp.psf.at(*cin.centre)
+    stamp = resize_stamp(raw, config.psf_size)
     sums.psf_sum += w * stamp
     sums.psf_w += float(w)
+    sums.w_peak = max(sums.w_peak, sums.psf_w)
     ixx, iyy, ixy, flag = pw.moments(cin.centre, stamp)
     wp = pw.warp
     sums.contributors.append(Contributor(
@@ -403,7 +462,8 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
         overlap_fraction=cin.overlap_fraction, good_fraction=cin.good_fraction,
         fallback=fallback, psf_ixx=ixx, psf_iyy=iyy, psf_ixy=ixy, psf_flag=flag,
         content_hash=wp.content_hash, folded_at=time.time(), instrument=wp.instrument,
-        physical_filter=wp.physical_filter, mjd=wp.mjd))
+        physical_filter=wp.physical_filter, mjd=wp.mjd, psf_sum=float(raw.sum()),
+        footprint=pw.footprint))
 
 
 def unfold_cell(acc: CellAccumulator, content_hash: str, pw: PreparedWarp,
@@ -428,8 +488,9 @@ def unfold_cell(acc: CellAccumulator, content_hash: str, pw: PreparedWarp,
 
 
 def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 1) -> None:
-    """Per-pixel sums over the part of the cell outer box that the warp covers
-    (``sign = -1`` subtracts them again)."""
+    """Per-pixel sums and integer counts over the part of the cell outer box that the warp
+    covers (``sign = -1`` subtracts them again, then :func:`snap_emptied` sets every float
+    sum whose count reached 0 to exactly 0)."""
     part = outer.intersection(pw.box)
     ws = part.slices(pw.warp.xy0)
     cs = part.slices((outer.x0, outer.y0))
@@ -439,13 +500,16 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
     if part == outer and valid.all():
         wv = ws_  # the common case: one scalar weight over the whole box
         sums.w_full += float(ws_)
-        if sign < 0 and abs(sums.w_full) <= 1e-9 * w:
-            sums.w_full = 0.0  # the last full input left: no round-off residue
+        sums.n_full += sign
+        if sign < 0 and not sums.counted and abs(sums.w_full) <= 1e-9 * w:
+            sums.w_full = 0.0  # version-1 group (no counts): the last full input left
     else:
         wv = valid * ws_
         if sums.w_partial is None:
             sums.w_partial = sums.plane_zeros(np.float64)
         sums.w_partial[cs] += wv
+        if sums.counted:
+            _add_count(sums, "n_partial", cs, valid, sign)
     tmp = np.empty(part.shape, np.float64) if pw.w_image is None or pw.noise else None
     if pw.w_image is not None:
         # w·I, w²·var precomputed (0 outside valid: those pixels were zeroed)
@@ -466,6 +530,8 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
             sums.interp = sums.plane_zeros(np.float64)
         view = sums.interp[cs]
         np.add(view, ws_, out=view, where=bad)  # (bad pixels are few: no product array)
+        if sums.counted:
+            _add_count(sums, "n_interp", cs, bad, sign)
     for name, plane in pw.planes.items():
         p = plane[ws]
         if p.any():
@@ -473,11 +539,37 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
             if arr is None:
                 arr = sums.planes[name] = sums.plane_zeros(np.float64)
             arr[cs] += p * ws_
-    or_mask = pw.or_mask[ws]
+            if sums.counted:
+                cnt = sums.plane_counts.get(name)
+                if cnt is None:
+                    cnt = sums.plane_counts[name] = sums.plane_zeros(np.int32)
+                _add_int(cnt[cs], p, sign)
+    _count_bits(sums, pw.or_mask[ws], cs, sign)
+    if sign < 0:
+        snap_emptied(sums)
+
+
+def _add_count(sums: CellSums, name: str, cs, where: np.ndarray, sign: int) -> None:
+    """``sums.<name>[cs] += sign * where`` on an int32 count plane allocated on first use."""
+    cnt = getattr(sums, name)
+    if cnt is None:
+        cnt = sums.plane_zeros(np.int32)
+        setattr(sums, name, cnt)
+    _add_int(cnt[cs], where, sign)
+
+
+def _add_int(view: np.ndarray, where: np.ndarray, sign: int) -> None:
+    if sign > 0:
+        view += where
+    else:
+        view -= where
+
+
+def _count_bits(sums: CellSums, or_mask: np.ndarray, cs, sign: int) -> None:
+    """Per-bit input counts: they make the mask OR reversible (retraction)."""
     bits = int(np.bitwise_or.reduce(or_mask, axis=None))
     if not bits:
         return
-    # Per-bit input counts make the OR reversible (retraction).
     for bit in range(32):
         if bits >> bit & 1:
             cnt = sums.bit_counts.get(bit)
@@ -485,15 +577,54 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
                 cnt = sums.bit_counts[bit] = sums.plane_zeros(np.int32)
             # one bit in the cell (the usual case): its pixels are the non-zero ones
             has_bit = or_mask != 0 if bits == 1 << bit else (or_mask >> bit) & 1
-            if sign > 0:
-                cnt[cs] += has_bit
-            else:
-                cnt[cs] -= has_bit
+            _add_int(cnt[cs], has_bit, sign)
     sums.mask_bits = None  # mask_or is derived from the counts from now on
-    if sign < 0:
-        for bit, cnt in list(sums.bit_counts.items()):
-            if not cnt.any():
-                del sums.bit_counts[bit]  # no input carries it any more
+
+
+def snap_emptied(sums: CellSums) -> None:
+    """After a subtraction: every float sum whose integer count is 0 becomes exactly 0 (no
+    round-off residue decides coverage or flags), and count planes that are all zero are
+    released, so the group is as if the removed inputs had never been folded.
+
+    Without counts (``counted`` False, a version-1 group) only the scalar full weight is
+    snapped, when its remainder is below 1e-9 of the weight removed (the version-1 rule)."""
+    for bit, cnt in list(sums.bit_counts.items()):
+        if not cnt.any():
+            del sums.bit_counts[bit]  # no input carries it any more
+    if not sums.counted:
+        return
+    if sums.n_full == 0:
+        sums.w_full = 0.0
+    if sums.n_partial is not None:
+        emptied = sums.n_partial == 0
+        if emptied.all():
+            sums.n_partial = sums.w_partial = None
+        elif sums.w_partial is not None:
+            sums.w_partial[emptied] = 0.0
+    if sums.w_partial is not None and sums.n_partial is None:
+        sums.w_partial = None  # no partial input left
+    if sums.n_full == 0:
+        nodata = np.ones(sums.shape, bool) if sums.n_partial is None else sums.n_partial == 0
+        if nodata.any():
+            for arr in (sums.sum_wI, sums.sum_w2var, *sums.noise):
+                arr[nodata] = 0.0
+    _snap_plane(sums, "n_interp", "interp")
+    for name in list(sums.planes):
+        cnt = sums.plane_counts.get(name)
+        if cnt is None or not cnt.any():
+            del sums.planes[name]
+            sums.plane_counts.pop(name, None)
+        else:
+            sums.planes[name][cnt == 0] = 0.0
+
+
+def _snap_plane(sums: CellSums, count: str, plane: str) -> None:
+    cnt = getattr(sums, count)
+    if cnt is None or not cnt.any():
+        setattr(sums, count, None)
+        setattr(sums, plane, None)
+    else:
+        getattr(sums, plane)[cnt == 0] = 0.0
 
 
 def _add_product(acc: np.ndarray, plane: np.ndarray, factor, tmp: np.ndarray) -> None:
