@@ -1,24 +1,16 @@
-"""TODO docstring (cli.plot, split from plot.py)."""
+"""``streamcoadd plot``: depth / weight / PSF maps or a quick-look image as a PNG."""
 
 from __future__ import annotations
 
-from streamcoadd.analysis.plot import KINDS, _mpl, make_figure, save
+import argparse
+
+from streamcoadd.analysis.plot import KINDS, make_figure, require_matplotlib, save
+from streamcoadd.analysis.reader import open_state
+from streamcoadd.cli.options import add_priority_option, parse_pair
 
 
-def cmd_plot(args) -> int:
-    _mpl()  # fail early and plainly when matplotlib is missing
-    from streamcoadd.analysis.reader import open_state
-
-    with open_state(args.state) as st:
-        fig = make_figure(args.kind, st, args.band, args.tract, args.patch)
-        out = save(fig, args.out, args.dpi)
-    print(f"wrote {out} ({args.kind})")
-    return 0
-
-
-def register(subparsers) -> None:
-    from streamcoadd.cli.options import parse_pair
-
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``plot`` to the ``streamcoadd`` sub-command parsers."""
     s = subparsers.add_parser(
         "plot", help="depth / weight / PSF maps or a quick-look image as a PNG",
         description="Draw a picture of the state: 'depth' (inputs per cell), 'weight' "
@@ -31,4 +23,16 @@ def register(subparsers) -> None:
     s.add_argument("--band", help="band (default: the only band of the state)")
     s.add_argument("--tract", type=int, help="tract id (default: the only populated tract)")
     s.add_argument("--dpi", type=int, default=150)
+    add_priority_option(s)
     s.set_defaults(func=cmd_plot)
+    return s
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw ``args.kind`` of the state into ``--out``."""
+    require_matplotlib()  # fail early and plainly when matplotlib is missing
+    with open_state(args.state) as st:
+        fig = make_figure(args.kind, st, args.band, args.tract, args.patch)
+        out = save(fig, args.out, args.dpi)
+    print(f"wrote {out} ({args.kind})")
+    return 0

@@ -1,14 +1,15 @@
-"""TODO docstring (cli.simulate, split from simulate.py)."""
+"""``streamcoadd simulate``: write simulated warps (GalSim), a skymap and a truth catalogue."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from streamcoadd.core.errors import UserError
 from streamcoadd.io.simulate import simulate
 
 
-def register(subparsers) -> None:
+def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``simulate`` subcommand to an argparse ``add_subparsers()`` object."""
     p = subparsers.add_parser(
         "simulate", help="write simulated warps (GalSim) plus skymap and truth catalogue",
@@ -30,10 +31,11 @@ def register(subparsers) -> None:
     p.add_argument("--high-snr", action="store_true", help="noise x 0.01")
     p.add_argument("--no-defects", action="store_true", help="no bad pixels, CRs, etc.")
     p.add_argument("--overwrite", action="store_true", help="replace existing warps in OUTDIR")
-    p.set_defaults(func=run_cli)
+    p.set_defaults(func=cmd_simulate)
+    return p
 
 
-def run_cli(args) -> int:
+def cmd_simulate(args: argparse.Namespace) -> int:
     """Handler of ``streamcoadd simulate``; returns the exit code."""
     try:
         s = simulate(args.outdir, skymap=args.skymap, visits=args.visits, seed=args.seed,

@@ -1,4 +1,4 @@
-"""TODO docstring (cli.verify, split from verify.py)."""
+"""``streamcoadd verify``: check a state's integrity and say how to fix what is wrong."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from streamcoadd.analysis.verify import repair, verify_state, writer_pid
+from streamcoadd.cli.options import add_priority_option
 
 
-def cmd_verify(args) -> int:
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the state is consistent, 1 with findings (listed with what to do)."""
     root = Path(args.state)
     if args.repair:
         removed = repair(root)
@@ -36,6 +38,7 @@ def cmd_verify(args) -> int:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``verify`` to the ``streamcoadd`` sub-command parsers."""
     p = subparsers.add_parser("verify", help="check a state's integrity (every manifest, cell "
                                              "file checksum, ledger) and say how to fix it")
     p.add_argument("state")
@@ -43,5 +46,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="first remove debris of interrupted commits (as a writer does on "
                         "opening; needs the writer lock)")
+    add_priority_option(p)
     p.set_defaults(func=cmd_verify)
     return p

@@ -1,4 +1,5 @@
-"""TODO docstring (cli.watch, split from daemon.py)."""
+"""``streamcoadd watch``: run the daemon (``streamcoadd.service.daemon``) on an inbox, folding
+in this process or, with ``--dask ADDRESS``, on a Dask cluster."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from streamcoadd.cli.options import add_dask_options
 from streamcoadd.core.errors import UserError
+from streamcoadd.pipeline import dask_executor
 from streamcoadd.service.daemon import (
     EXIT_ERROR,
     EXIT_LOCKED,
@@ -16,6 +19,8 @@ from streamcoadd.service.daemon import (
     load_config,
     setup_logging,
 )
+from streamcoadd.service.daemon import log as daemon_log
+from streamcoadd.service.systemd import SdNotify
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -73,8 +78,51 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="TOML",
                    help="settings file with [daemon] and [run] tables "
                         "(default: config/streamcoadd.toml, else built-in defaults)")
-    p.set_defaults(func=handler)
+    add_dask_options(p)
+    p.set_defaults(func=cmd_watch)
     return p
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """The daemon's exit status (docs/operations.md)."""
+    if args.dask:
+        return _watch_dask(args)
+    return handler(args)
+
+
+def _watch_dask(args: argparse.Namespace) -> int:
+    """The daemon, folding on a Dask cluster. The daemon process is the coordinator
+    (state lock, ledger, inbox); a batch of warps leaves the inbox only when every shard
+    task of every warp in it has returned."""
+    if args.dask_batch is not None and args.dask_batch < 1:
+        print("streamcoadd watch: --dask-batch must be >= 1", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        client = dask_executor.connect(args.dask)
+    except UserError as e:
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        dask_executor.check_cluster(client)
+    except UserError as e:
+        dask_executor.close(client)
+        print(f"streamcoadd watch: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    notify = SdNotify()
+
+    def make_ingestor(store, run):
+        return dask_executor.DistributedIngestor(
+            store, run, client, batch=args.dask_batch, retries=args.dask_retries,
+            log_failures=True, logger=daemon_log, heartbeat=notify.ping)
+
+    try:
+        return handler(args, make_ingestor=make_ingestor)
+    finally:
+        try:
+            client.run(dask_executor.drop_worker_caches, str(Path(args.state).absolute()))
+        except Exception:  # noqa: BLE001 - a worker just lost; its memory is gone anyway
+            pass
+        dask_executor.close(client)
 
 
 def _run_config(run: dict, args):
