@@ -1,4 +1,8 @@
-"""TODO docstring (core.coadd, split from finalize.py)."""
+"""The finalize formulas: a cell's coadd from its accumulated sums (SPEC §3).
+
+``image = Σ w·I / Σ w``, ``variance = Σ w²·var / (Σ w)²``, ``maskfrac = Σ w·interp / Σ w``,
+``psf = Σ w·psf / Σ w`` (scalar weights), with coverage and mask flags decided by the
+integer counts kept beside the sums (see :func:`coadd_planes`)."""
 
 from __future__ import annotations
 
@@ -75,6 +79,12 @@ def contributors_table(acc_group) -> Table:
 def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
     """The finalize formulas (module docstring) on one group's sums.
 
+    Coverage and flags come from the group's integer counts when it has them
+    (``sums.counted``): NO_DATA where no input has data (``n_full + n_partial == 0``),
+    INTRP where ``n_interp > 0``, the masked fraction exactly 0 where ``n_interp == 0``,
+    a propagated plane (SAT) where its count > 0 and its weight fraction > the threshold.
+    A version-1 group (no counts) uses the float tests ``sum_w > 0`` and ``maskfrac > 0``.
+
     Returns ``image``, ``variance``, ``maskfrac`` (float64 unless ``out`` says otherwise),
     ``noise`` (K planes), ``psf`` (float64) and ``mask`` (int32). ``out`` may give the
     arrays to write ``image``, ``variance``, ``maskfrac`` and ``psf`` into and a sequence
@@ -85,12 +95,17 @@ def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
     if out is None:
         out = {"image": np.empty(shape), "variance": np.empty(shape),
                "noise": np.empty(sums.noise.shape), "psf": None, "maskfrac": None}
-    has = sum_w > 0
+    counted = getattr(sums, "counted", False)
+    # coverage and flags from the integer counts (exact under retraction); a version-1
+    # group without counts falls back to the float tests
+    has = sums.n_data > 0 if counted else sum_w > 0
     nohas = None if has.all() else ~has
     with np.errstate(divide="ignore", invalid="ignore"):
         image = np.divide(sums.sum_wI, sum_w, out=out["image"])
         variance = np.divide(sums.sum_w2var, np.square(sum_w), out=out["variance"])
         maskfrac = np.divide(sums.sum_w_interp, sum_w)  # float64: the mask rules use it
+        if counted:  # exactly 0 where no input was interpolated
+            maskfrac[interp_count(sums) == 0] = 0.0
         noise = out["noise"]
         for k in range(len(sums.noise)):
             np.divide(sums.noise[k], sum_w, out=noise[k])
@@ -105,10 +120,16 @@ def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
             plane = sums.planes.get(name)
             if plane is not None:
                 over = np.divide(plane, sum_w) > threshold
+                if counted:
+                    cnt = sums.plane_counts.get(name)
+                    if cnt is None:
+                        continue  # no input carries the plane
+                    over &= cnt > 0
                 if nohas is not None:
                     over[nohas] = 0.0 > threshold
                 np.bitwise_or(mask, BIT[name], out=mask, where=over)
-    np.bitwise_or(mask, BIT["INTRP"], out=mask, where=maskfrac > 0)
+    interpolated = interp_count(sums) > 0 if counted else maskfrac > 0
+    np.bitwise_or(mask, BIT["INTRP"], out=mask, where=interpolated)
     np.bitwise_or(mask, BIT["INEXACT_PSF"], out=mask,
                   where=maskfrac > config.inexact_psf_threshold)
     if nohas is not None:
@@ -122,6 +143,11 @@ def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
         maskfrac = out["maskfrac"]
     return {"image": image, "variance": variance, "mask": mask, "psf": psf,
             "maskfrac": maskfrac, "noise": noise}
+
+
+def interp_count(sums) -> np.ndarray:
+    """Number of inputs interpolated at each pixel (int32, (H, W))."""
+    return sums.n_interp if sums.n_interp is not None else np.zeros(sums.shape, np.int32)
 
 
 def coadd_cell(acc: CellAccumulator, band: str, tract: Tract, config: FoldConfig) -> CellCoadd | None:

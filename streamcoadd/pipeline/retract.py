@@ -2,36 +2,56 @@
 
 The accumulators are sums, so a warp's contribution is subtracted again from the same
 warp file (found through the ledger path, ``--file`` or ``--search`` directories, and
-checked by content hash). What subtraction alone could not undo is kept in the state:
-fallback inputs have their own group (so when the last good input leaves a cell, the
-fallback inputs take over exactly as a fresh fold would), and the mask OR is kept as
-per-bit input counts. A group left with no input is dropped whole.
+checked by content hash), with the weight stored in its contributor row at fold time.
+What subtraction alone could not undo is kept in the state: integer counts (inputs with
+data, interpolated inputs, inputs per propagated plane and per mask bit) decide coverage
+and flags, and every float sum whose count reaches 0 is set to exactly 0; fallback inputs
+have their own group (so when the last good input leaves a cell, the fallback inputs take
+over exactly as a fresh fold would). A group left with no input is dropped whole.
 
-Each shard commits its part atomically; the ledger row turns ``retracted`` only when
-every shard is done, so an interrupted retraction is finished by running it again.
+Where subtracting would lose precision (the retracted weight dominates what remains, see
+:func:`~streamcoadd.core.fold.needs_rebuild`), or the cell has no integer counts (written
+by state version 1), the cell is rebuilt: its remaining inputs are folded again from
+their own files, with their stored weights, into a fresh accumulator. If one of those
+files cannot be found, the retraction of that warp is refused before anything changes.
+
+Each warp's retraction is one commit; the ledger row turns ``retracted`` only after it,
+so an interrupted retraction is finished by running it again.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamcoadd.core.errors import UserError, WarpRejected
-from streamcoadd.core.fold import cell_input, prepare_warp, unfold_cell
+from streamcoadd.core.fold import (
+    CellAccumulator,
+    cell_input,
+    fold_cell,
+    needs_rebuild,
+    prepare_warp,
+    unfold_cell,
+)
+from streamcoadd.core.skymap import CellId
 from streamcoadd.core.warp import file_hash
 from streamcoadd.io.warp_reader import read_bytes as read_bytes
 from streamcoadd.io.warp_reader import read_warp
 from streamcoadd.store.ledger import WarpRecord
-from streamcoadd.store.state import StateStore
+from streamcoadd.store.state import Shard, StateStore
 
 
 @dataclass
 class RetractReport:
     warps: list[WarpRecord] = field(default_factory=list)
     cells: int = 0
+    rebuilt: int = 0  # cells rebuilt from their remaining inputs' files
 
 
-def find_warp_file(rec: WarpRecord, files: list[Path], search: list[Path]) -> Path:
+def find_warp_file(rec: WarpRecord, files: list[Path], search: list[Path],
+                   why: str = "") -> Path:
+    """The file holding ``rec``'s content (checked by sha256); UserError if none."""
     first = Path(rec.path)
     # where the daemon puts folded files by default: a 'done' sibling of the inbox
     candidates = [*files, first, first.parent.parent / "done" / first.name]
@@ -43,10 +63,11 @@ def find_warp_file(rec: WarpRecord, files: list[Path], search: list[Path]) -> Pa
                 return c
         except WarpRejected:
             continue
-    raise UserError(f"cannot retract visit {rec.visit} detector {rec.detector}: its warp file "
-                    f"(sha256 {rec.content_hash[:12]}..., first seen as {rec.path}) was not found; "
-                    "pass it with --file or the directory holding it with --search "
-                    "(keep done/ for retractions)")
+    raise UserError(f"cannot retract{why}: the warp file of visit {rec.visit} detector "
+                    f"{rec.detector} (sha256 {rec.content_hash[:12]}..., first seen as "
+                    f"{rec.path}) was not found; pass it with --file or the directory "
+                    "holding it with --search (keep done/ for retractions); nothing was "
+                    "changed for this warp")
 
 
 def retract(store: StateStore, visit: int, detector: int | None = None,
@@ -57,35 +78,110 @@ def retract(store: StateStore, visit: int, detector: int | None = None,
     if not recs:
         what = f"visit {visit}" + (f" detector {detector}" if detector is not None else "")
         raise UserError(f"{what} is not in the state (nothing folded to retract)")
+    files, search = [Path(f) for f in files], [Path(d) for d in search]
+    # every retracted warp's own file first: a missing one refuses the whole operation
+    paths = {r.content_hash: find_warp_file(r, files, search) for r in recs
+             if r.status == "folded"}
     report = RetractReport()
-    fold = store.fold
     for rec in recs:
         if rec.status == "folded":
-            path = find_warp_file(rec, [Path(f) for f in files], [Path(d) for d in search])
-            warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations)
-            pw = prepare_warp(warp, fold)
-            tract_ = store.skymap.tract(rec.tract)
-            for patch in tract_.patches_overlapping(warp.box):
-                shard = store.shard(patch, rec.band)
-                if rec.content_hash not in shard.warps:
-                    continue
-                for cell in tract_.cells_overlapping(patch, warp.box):
-                    key = (cell.x, cell.y)
-                    if key not in shard.cell_gens:
-                        continue
-                    cin = cell_input(pw, tract_, cell, fold)
-                    if cin is None:
-                        continue
-                    acc = store.cell_for_write(shard, cell)
-                    if unfold_cell(acc, rec.content_hash, pw, cin.centre, fold):
-                        report.cells += 1
-                    else:
-                        shard.dirty.discard(cell)
-                shard.removed_warps.add(rec.content_hash)
-            store.commit()
+            _retract_one(store, rec, paths[rec.content_hash], files, search, report)
         store.ledger.set_status(rec.content_hash, "retracted")
         store.ledger.record_event(
             "retract", f"visit {rec.visit} detector {rec.detector} tract {rec.tract} "
                        f"band {rec.band} sha256 {rec.content_hash}: {reason or 'no reason given'}")
         report.warps.append(rec)
     return report
+
+
+def _retract_one(store: StateStore, rec: WarpRecord, path: Path, files: list[Path],
+                 search: list[Path], report: RetractReport) -> None:
+    """Subtract one warp from its cells (on copies), rebuild those that need it, then put
+    the results in the store and commit. Nothing in the store changes before every file a
+    rebuild needs has been found."""
+    fold = store.fold
+    warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations)
+    pw = prepare_warp(warp, fold, weight=rec.weight)  # the stored weight, not recomputed
+    tract_ = store.skymap.tract(rec.tract)
+    # by cell (the band is the warp's): the new accumulator, None if not a contributor
+    results: dict[CellId, CellAccumulator | None] = {}
+    rebuild: dict[CellId, set[str]] = {}  # cells to rebuild -> their remaining inputs
+    shards: list[Shard] = []
+    shard_of: dict[CellId, Shard] = {}
+    for patch in tract_.patches_overlapping(warp.box):
+        shard = store.shard(patch, rec.band)
+        if rec.content_hash not in shard.warps:
+            continue
+        shards.append(shard)
+        for cell in tract_.cells_overlapping(patch, warp.box):
+            cin = cell_input(pw, tract_, cell, fold)
+            if cin is None or (cell.x, cell.y) not in shard.cell_gens:
+                continue
+            shard_of[cell] = shard
+            new = copy.deepcopy(store.cell_for_write(shard, cell))
+            touched = [g for g in new.groups.values()
+                       if rec.content_hash in {c.content_hash for c in g.contributors}]
+            if not unfold_cell(new, rec.content_hash, pw, cin.centre, fold):
+                results[cell] = None  # not a contributor: unchanged
+                continue
+            results[cell] = new
+            if any(needs_rebuild(g) for g in touched):
+                rebuild[cell] = new.hashes()
+    _rebuild_cells(store, rec, rebuild, results, files, search)
+    for cell, new in results.items():
+        shard = shard_of[cell]
+        if new is None:
+            shard.dirty.discard(cell)
+            continue
+        shard.cells[cell].groups = new.groups
+        report.cells += 1
+    report.rebuilt += len(rebuild)
+    for shard in shards:
+        shard.removed_warps.add(rec.content_hash)
+    try:
+        store.commit()
+    except BaseException:
+        # the store may have dropped emptied cells from memory before its manifest was
+        # written: forget every uncommitted change so memory matches the disk again
+        store.discard_uncommitted()
+        raise
+
+
+def _rebuild_cells(store: StateStore, rec: WarpRecord, rebuild: dict, results: dict,
+                   files: list[Path], search: list[Path]) -> None:
+    """Fold the remaining inputs of each cell in ``rebuild`` again, from their files and
+    with their stored weights, into fresh accumulators (replacing ``results``). Each
+    remaining warp is read once for all the cells it is needed in."""
+    if not rebuild:
+        return
+    fold = store.fold
+    why = (f" visit {rec.visit} detector {rec.detector}: {len(rebuild)} cell(s) must be "
+           "rebuilt from their remaining inputs (the retracted weight dominates theirs, "
+           "or the cells were written without integer counts)")
+    needed = sorted({h for hs in rebuild.values() for h in hs})
+    records = {h: store.ledger.get(h) for h in needed}
+    paths = {h: find_warp_file(r, files, search, why) for h, r in records.items()}
+    fresh = {cell: CellAccumulator(cell=cell, outer=results[cell].outer) for cell in rebuild}
+    old_rows = {(key, c.content_hash): c for key in rebuild
+                for g in results[key].groups.values() for c in g.contributors}
+    for h in needed:
+        r = records[h]
+        warp = read_warp(paths[h], store.skymap, fold.bad_planes, fold.noise_realizations)
+        pw = prepare_warp(warp, fold, weight=old_weight(old_rows, h))
+        tract_ = store.skymap.tract(r.tract)
+        for key, hashes in rebuild.items():
+            if h not in hashes:
+                continue
+            cin = cell_input(pw, tract_, key, fold)
+            if cin is not None:
+                fold_cell(fresh[key], cin, pw, fold)
+    for key, acc in fresh.items():
+        for g in acc.groups.values():  # keep the original fold times
+            for c in g.contributors:
+                c.folded_at = old_rows[(key, c.content_hash)].folded_at
+        results[key] = acc
+
+
+def old_weight(rows: dict, content_hash: str) -> float:
+    """The weight stored for ``content_hash`` in any of the rebuilt cells' rows."""
+    return next(c.weight for (_, h), c in rows.items() if h == content_hash)
