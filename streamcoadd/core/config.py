@@ -29,6 +29,8 @@ class FoldConfig:
     max_maskfrac: float = 0.5  # bad fraction of the inner box above which an input is fallback
     psf_size: int = 35  # odd, px
     noise_realizations: int = 0  # NOISEk HDUs every warp must carry and that are coadded
+    # a header WEIGHT may differ from 1/<variance> of the warp's good pixels by this factor
+    max_weight_ratio: float = 10.0
 
     def __post_init__(self):
         unknown = [p for p in (*self.bad_planes, *self.drop_planes, *self.propagate_thresholds)
@@ -42,6 +44,8 @@ class FoldConfig:
             raise UserError("fold min_overlap_fraction must be in (0, 1]")
         if not 0 <= self.max_maskfrac <= 1:
             raise UserError("fold max_maskfrac must be in [0, 1]")
+        if not self.max_weight_ratio >= 1:
+            raise UserError("fold max_weight_ratio must be >= 1")
         if self.noise_realizations < 0:
             raise UserError("fold noise_realizations must be >= 0")
 

@@ -134,17 +134,29 @@ def _median_in_place(data: np.ndarray, axis=None) -> np.ndarray:
 
 
 def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False,
-                 weight: float | None = None) -> PreparedWarp:
+                 weight: float | None = None, check_weight: bool = True) -> PreparedWarp:
     """Weight, interpolation and mask planes of a warp, ready to fold into any cell.
     ``consume=True`` reuses the warp's own image, variance, noise and mask arrays for the
     prepared planes (they are overwritten: saves ~140 MB per patch-sized warp).
-    ``weight``: already computed (else :func:`warp_weight` here)."""
-    if weight is None:
-        weight = warp_weight(warp, config)
+    ``weight``: already computed (else :func:`warp_weight` here). ``check_weight``: bound a
+    header ``WEIGHT`` against the variance-derived weight (:func:`check_header_weight`;
+    off when re-reading a warp already folded, e.g. to retract it with its stored weight).
+
+    Raises :class:`WarpRejected` for a warp with valid pixels but no good one (nothing
+    to interpolate from or weigh) or with a non-finite value left in any plane."""
     valid = (warp.mask & NO_DATA) == 0
     bad = valid & ((warp.mask & bitmask(config.bad_planes)) != 0)
+    if valid.any() and bad.sum() == valid.sum():
+        raise WarpRejected(warp.path, "every valid pixel is under a bad mask plane ("
+                           f"{', '.join(config.bad_planes)}): there is nothing to interpolate "
+                           "them from; mark the warp's unusable pixels NO_DATA or drop it")
+    if check_weight and warp.weight_override is not None:
+        check_header_weight(warp, config)
+    if weight is None:
+        weight = warp_weight(warp, config)
     planes = [warp.image, warp.variance, *warp.noise]
     filled = interpolate_bad_pixels(planes, valid, bad, inplace=consume)
+    check_finite(warp.path, filled)
     keep = ~(bitmask(config.bad_planes) | bitmask(config.drop_planes) | NO_DATA)
     propagated = {}
     for name in config.propagate_thresholds:
@@ -160,6 +172,41 @@ def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False,
     return PreparedWarp(warp=warp, weight=weight, image=filled[0], variance=filled[1],
                         noise=filled[2:], valid=valid, bad=bad, or_mask=or_mask,
                         planes=propagated, footprint=valid_footprint(valid, warp.xy0))
+
+
+# Good variances the header-weight bound is computed from (a strided sample: the bound is
+# a factor, it needs no more precision than ~1 %).
+WEIGHT_CHECK_SAMPLE = 200_000
+
+
+def check_header_weight(warp: Warp, config: FoldConfig) -> None:
+    """Reject a header ``WEIGHT`` more than ``config.max_weight_ratio`` times above or below
+    1 / (clipped mean variance of the good pixels), computed on a strided sample of at most
+    ``WEIGHT_CHECK_SAMPLE`` good pixels. A header weight may legitimately differ from the
+    variance-derived one (another estimator, a photometric-quality factor), but not by
+    orders of magnitude: that is a unit or bookkeeping error, and such a weight would
+    dominate (and, retracted, wipe out the precision of) every cell it reaches."""
+    var = good_variances(warp, config)
+    if var.size == 0:
+        return  # (a warp without good pixels is rejected by prepare_warp)
+    var = var[::max(1, var.size // WEIGHT_CHECK_SAMPLE)]
+    derived = weight_from_variances(var, warp.path)
+    ratio = warp.weight_override / derived
+    if not 1.0 / config.max_weight_ratio <= ratio <= config.max_weight_ratio:
+        raise WarpRejected(warp.path, f"header WEIGHT = {warp.weight_override:.6g} is {ratio:.3g}x "
+                           f"the weight 1/<variance> = {derived:.6g} of its good pixels (allowed: "
+                           f"a factor {config.max_weight_ratio:g}; [fold] max_weight_ratio); fix "
+                           "the WEIGHT keyword or the VARIANCE plane (units nJy^2)")
+
+
+def check_finite(path: str, planes: list[np.ndarray]) -> None:
+    """Guard: no non-finite value may reach a sum. The prepared planes are zero outside the
+    valid pixels, so one float64 sum per plane is finite exactly when every value is."""
+    for name, plane in zip(("IMAGE", "VARIANCE", *(f"NOISE{k}" for k in range(len(planes)))),
+                           planes):
+        if not np.isfinite(np.sum(plane, dtype=np.float64)):
+            raise WarpRejected(path, f"{name} still has non-finite values in valid pixels "
+                                     "after interpolation; mark them NO_DATA in the mask")
 
 
 def valid_footprint(valid: np.ndarray, xy0: tuple[int, int]) -> tuple[tuple[float, float], ...]:
@@ -187,11 +234,23 @@ def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
                            bad: np.ndarray, inplace: bool = False) -> list[np.ndarray]:
     """Fill ``bad`` pixels of each plane from good neighbours; zero pixels outside ``valid``.
 
-    Method: linear interpolation along the row between the nearest good pixels to the left
-    and right (a run touching an edge or NO_DATA on one side takes the value of its one
-    good neighbour). Pixels in rows with no good pixel at all take the value of the
-    nearest good pixel in 2-D (Euclidean distance transform). Returns float32 copies
-    (inputs untouched), or with ``inplace`` the float32, writeable input planes, filled.
+    Interpolation never crosses NO_DATA (a chip gap, the warp's edge): a bad pixel is
+    filled only from good pixels of its own *run*, the stretch of valid pixels of its row
+    between NO_DATA pixels or the array edges.
+
+    - Both sides of the bad run have a good pixel in the run: linear interpolation along
+      the row between the nearest good pixels to the left and right.
+    - Only one side has (the run touches a gap or an edge on the other): the value of that
+      one good neighbour (constant extrapolation).
+    - Neither side has (the run has no good pixel: "orphan" pixels): the value of the
+      nearest good pixel in 2-D (Euclidean distance) among the good pixels *connected to
+      it through valid pixels* (4-connected region of ``valid``), so never one across a gap.
+    - A region of valid pixels with no good pixel at all: its bad pixels keep their
+      values (:func:`prepare_warp` rejects a warp whose planes are then not finite, and a
+      warp with no good pixel at all).
+
+    Returns float32 copies (inputs untouched), or with ``inplace`` the float32, writeable
+    input planes, filled.
     """
     if inplace and all(p.dtype == np.float32 and p.flags.writeable for p in planes):
         out = planes
@@ -204,33 +263,60 @@ def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
     good = valid & ~bad
     w = good.shape[1]
     good_flat = np.flatnonzero(good)
+    if not good_flat.size:
+        return out  # nothing to interpolate from: the bad pixels keep their values
     bad_flat = np.flatnonzero(bad)
     ys, xs = np.divmod(bad_flat, w)
     nxt = np.searchsorted(good_flat, bad_flat)  # first good pixel after each bad one
-    has_l = nxt > 0
-    has_r = nxt < good_flat.size
-    lflat = good_flat[np.maximum(nxt - 1, 0)] if good_flat.size else bad_flat
-    rflat = good_flat[np.minimum(nxt, good_flat.size - 1)] if good_flat.size else bad_flat
-    has_l &= lflat // w == ys  # the neighbour must be on the same row
-    has_r &= rflat // w == ys
+    lflat = good_flat[np.maximum(nxt - 1, 0)]
+    rflat = good_flat[np.minimum(nxt, good_flat.size - 1)]
+    # the neighbour must be on the same row with no NO_DATA pixel in between: the number
+    # of invalid pixels before it (in flat order) must equal the bad pixel's
+    gaps = np.flatnonzero(~valid)
+    run = np.searchsorted(gaps, bad_flat)
+    has_l = (nxt > 0) & (lflat // w == ys) & (np.searchsorted(gaps, lflat) == run)
+    has_r = (nxt < good_flat.size) & (rflat // w == ys) & (np.searchsorted(gaps, rflat) == run)
     lx, rx = lflat % w, rflat % w
     lxc, rxc = np.where(has_l, lx, rx), np.where(has_r, rx, lx)
     frac = np.where(has_l & has_r, (xs - lxc) / np.maximum(rxc - lxc, 1), 0.0)
     src_y = ys.copy()
     orphan = ~(has_l | has_r)
     if orphan.any():
-        if not good_flat.size:
-            return out  # nothing to interpolate from: the bad pixels keep their values
-        from scipy import ndimage  # (rare: imported only when needed, ~0.2 s)
-        _, (ny, nx) = ndimage.distance_transform_edt(~good, return_indices=True)
-        oy, ox = ys[orphan], xs[orphan]
-        lxc[orphan] = rxc[orphan] = nx[oy, ox]
-        src_y[orphan] = ny[oy, ox]
+        src_y[orphan], lxc[orphan] = nearest_connected_good(valid, good, ys[orphan], xs[orphan])
+        rxc[orphan] = lxc[orphan]
+        keep = src_y >= 0  # orphans in a region without good pixels keep their values
+        if not keep.all():
+            ys, xs, src_y, lxc, rxc, frac = (a[keep] for a in (ys, xs, src_y, lxc, rxc, frac))
     for o in out:
         lv = o[src_y, lxc].astype(np.float64)
         rv = o[src_y, rxc].astype(np.float64)
         o[ys, xs] = lv + (rv - lv) * frac
     return out
+
+
+def nearest_connected_good(valid: np.ndarray, good: np.ndarray, oy: np.ndarray,
+                           ox: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the pixels (oy, ox): the (y, x) of the nearest good pixel (Euclidean distance)
+    in the same 4-connected region of ``valid`` pixels, or (-1, -1) where the region has
+    no good pixel. Each region is searched in its own bounding box."""
+    from scipy import ndimage  # (rare: imported only when needed, ~0.2 s)
+
+    labels, _ = ndimage.label(valid)
+    src_y = np.full(oy.size, -1, np.intp)
+    src_x = np.full(oy.size, -1, np.intp)
+    own = labels[oy, ox]
+    boxes = ndimage.find_objects(labels)
+    for lab in np.unique(own):
+        sl = boxes[lab - 1]
+        region_good = good[sl] & (labels[sl] == lab)
+        if not region_good.any():
+            continue
+        _, (ny, nx) = ndimage.distance_transform_edt(~region_good, return_indices=True)
+        sel = own == lab
+        ly, lx = oy[sel] - sl[0].start, ox[sel] - sl[1].start
+        src_y[sel] = ny[ly, lx] + sl[0].start
+        src_x[sel] = nx[ly, lx] + sl[1].start
+    return src_y, src_x
 
 
 # --------------------------------------------------------------------------- cell level
@@ -442,6 +528,8 @@ def is_fallback(cin: CellInput, config: FoldConfig) -> bool:
 def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
               config: FoldConfig) -> None:
     """Add one prepared warp to one cell accumulator (in place)."""
+    if not (np.isfinite(pw.weight) and pw.weight > 0):  # guard: nothing non-finite in a sum
+        raise WarpRejected(pw.warp.path, f"weight {pw.weight!r} is not a positive finite number")
     fallback = is_fallback(cin, config)
     name = "fallback" if fallback else "good"
     sums = acc.groups.get(name)

@@ -101,7 +101,8 @@ def _retract_one(store: StateStore, rec: WarpRecord, path: Path, files: list[Pat
     rebuild needs has been found."""
     fold = store.fold
     warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations)
-    pw = prepare_warp(warp, fold, weight=rec.weight)  # the stored weight, not recomputed
+    # the stored weight, not recomputed (nor checked again)
+    pw = prepare_warp(warp, fold, weight=rec.weight, check_weight=False)
     tract_ = store.skymap.tract(rec.tract)
     # by cell (the band is the warp's): the new accumulator, None if not a contributor
     results: dict[CellId, CellAccumulator | None] = {}
@@ -167,7 +168,7 @@ def _rebuild_cells(store: StateStore, rec: WarpRecord, rebuild: dict, results: d
     for h in needed:
         r = records[h]
         warp = read_warp(paths[h], store.skymap, fold.bad_planes, fold.noise_realizations)
-        pw = prepare_warp(warp, fold, weight=old_weight(old_rows, h))
+        pw = prepare_warp(warp, fold, weight=old_weight(old_rows, h), check_weight=False)
         tract_ = store.skymap.tract(r.tract)
         for key, hashes in rebuild.items():
             if h not in hashes:
