@@ -19,7 +19,7 @@ import io
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,8 @@ def file_stem(patch: PatchId, band: str) -> str:
 # ahead of the workers, so a cold read overlaps the computation.
 
 FITS_BLOCK = 2880
+CELLS_FORMAT = "streamcoadd-cells"  # the cells file's layout (SCFORMAT card)
+CELLS_FORMAT_VERSION = 2  # 1: VERSION='0.8' and OCELL1/2 = border (before 0.x)
 PREFETCH_CELLS = 64  # cell files prefetched ahead of the slowest finished cell
 CELL_TABLE_COLUMNS = ["cell_x", "cell_y", "visit", "detector", "overlaps_center",
                       "overlap_fraction", "unmasked_overlap_fraction", "weight",
@@ -85,11 +87,15 @@ def _primary_header(tract: Tract, patch: PatchId, band: str, skymap_name: str,
     n = g.cells_per_patch
     origin = tract.cell_grid_origin(patch)
     ph = fits.Header(tract.wcs().to_header())
-    ph.update({"VERSION": "0.8", "SKYMAP": skymap_name, "TRACT": patch.tract,
-               "PATCH_X": patch.x, "PATCH_Y": patch.y, "FILTER": band, "BAND": band,
+    # streamcoadd's own layout (docs/file-formats.md), not lsst.cell_coadds' (whose reader
+    # needs a VISIT_SUMMARY HDU and other tables): no ``VERSION`` card claiming its format.
+    # OCELL1/2 is the outer cell size (inner + 2 borders), as LSST's keyword means.
+    ph.update({"SCFORMAT": CELLS_FORMAT, "SCFMTVER": CELLS_FORMAT_VERSION,
+               "SKYMAP": skymap_name, "TRACT": patch.tract, "PATCH_X": patch.x,
+               "PATCH_Y": patch.y, "FILTER": band, "BAND": band,
                "GRCELL1": g.inner, "GRCELL2": g.inner, "GRSHAPE1": n, "GRSHAPE2": n,
-               "GRMIN1": origin[0], "GRMIN2": origin[1], "OCELL1": g.border,
-               "OCELL2": g.border, "PSFSIZE1": config.psf_size, "PSFSIZE2": config.psf_size,
+               "GRMIN1": origin[0], "GRMIN2": origin[1], "OCELL1": g.outer,
+               "OCELL2": g.outer, "PSFSIZE1": config.psf_size, "PSFSIZE2": config.psf_size,
                "NNOISE": config.noise_realizations, "BUNIT": "nJy"})
     return ph
 
@@ -479,3 +485,202 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
             _remove(cells_tmp)
             _remove(stitched_tmp)
     return n
+
+
+# ------------------------------------------------------------------ Rubin CellCoadd export
+#
+# One lsst-images ``CellCoadd`` per patch and band (``streamcoadd.io.lsst_images``): the
+# cells are read from the state one at a time, turned into their coadd and copied (inner
+# box only: a CellCoadd holds inner cells) into the stitched planes; only the stitched
+# planes, the PSF cube and the provenance rows are held (docs/file-formats.md).
+
+LSST_FRACTIONS = ("interpolated", "saturated")  # Rubin mask_fractions names we write
+
+
+@dataclass(frozen=True)
+class ExportedCoadd:
+    """One CellCoadd file written by :func:`export_cell_coadd`."""
+
+    path: Path
+    patch: PatchId
+    patch_id: int  # lsst.skymap sequential id, nx * y + x
+    band: str
+    n_cells: int  # cells with data
+    filters: tuple[tuple[str, str], ...]  # (instrument, physical_filter) of the inputs
+
+
+def cellcoadd_name(patch: PatchId, band: str) -> str:
+    """File name of a patch's CellCoadd: ``coadd_t{T}_p{X}-{Y}_{band}_cellcoadd.fits``."""
+    return f"{file_stem(patch, band)}_cellcoadd.fits"
+
+
+def patch_layout(tract: Tract, patch: PatchId, skymap_name: str):
+    """The :class:`~streamcoadd.io.lsst_images.PatchLayout` of a patch: its whole cell
+    grid (border cells included), from the cell grid origin."""
+    from streamcoadd.io.lsst_images import PatchLayout
+
+    g = tract.cells
+    n = g.cells_per_patch
+    return PatchLayout(skymap=skymap_name, tract=patch.tract, patch_xy=(patch.x, patch.y),
+                       num_patches=tract.num_patches, tract_wcs=tract.wcs(),
+                       tract_bbox=tract.inner_box, patch_inner_bbox=tract.patch_inner_box(patch),
+                       cell_size=g.inner, n_cells=(n, n),
+                       grid_origin=tract.cell_grid_origin(patch))
+
+
+def fraction_names(config: FoldConfig) -> tuple[str, ...]:
+    """The mask fractions a CellCoadd gets: ``interpolated`` (our maskfrac) always,
+    ``saturated`` when the fold propagates the ``SAT`` plane's weight."""
+    return LSST_FRACTIONS if "SAT" in config.propagate_thresholds else LSST_FRACTIONS[:1]
+
+
+class _Provenance:
+    """Provenance rows of one patch, gathered while its cells stream by."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.inputs: dict[tuple, dict] = {}  # (instrument, visit, detector) -> fields
+        self.rows: list = []
+        self.fallback_cells: list[str] = []
+
+    def add_cell(self, i: int, j: int, contributors, group: str) -> None:
+        from streamcoadd.io.lsst_images import ContributionRow
+
+        if group == "fallback":
+            self.fallback_cells.append(f"{i},{j}")
+        for c in contributors:
+            key = (c.instrument or "unknown", int(c.visit), int(c.detector))
+            inp = self.inputs.setdefault(key, {
+                "physical_filter": c.physical_filter, "mjd": c.mjd,
+                "footprint": tuple(getattr(c, "footprint", ()) or ()),
+                "hash": c.content_hash, "folded_at": c.folded_at, "cells": []})
+            inp["cells"].append((i, j))
+            self.rows.append(ContributionRow(
+                cell_i=i, cell_j=j, instrument=key[0], visit=key[1], detector=key[2],
+                overlaps_center=False, overlap_fraction=c.overlap_fraction,
+                unmasked_fraction=c.good_fraction, weight=c.weight, psf_shape_xx=c.psf_ixx,
+                psf_shape_yy=c.psf_iyy, psf_shape_xy=c.psf_ixy, psf_shape_flag=bool(c.psf_flag)))
+
+    def _outline(self, inp: dict) -> tuple[tuple[tuple[float, float], ...], bool]:
+        """The input's valid-pixel outline, or (a state without footprints) the convex
+        hull of the inner boxes of the cells it contributes to; second: is a fallback."""
+        if len(inp["footprint"]) >= 3:
+            return inp["footprint"], False
+        from scipy.spatial import ConvexHull
+
+        c = self.layout.cell_size
+        x0, y0 = self.layout.grid_origin
+        pts = np.array([(x0 + j * c + dx - 0.5, y0 + i * c + dy - 0.5)
+                        for i, j in inp["cells"] for dx in (0, c) for dy in (0, c)])
+        hull = ConvexHull(pts)
+        return tuple((float(pts[k, 0]), float(pts[k, 1])) for k in hull.vertices), True
+
+    def tables(self, band: str) -> tuple[list, list, dict]:
+        """``(inputs, contributions, metadata)``; ``overlaps_center`` is computed here:
+        does the input's polygon contain the cell centre."""
+        import json
+
+        from lsst.images import Polygon
+
+        from streamcoadd.io.lsst_images import InputRow, day_obs, thin_polygon
+
+        inputs, polys, n_fallback, extra = [], {}, 0, {}
+        for key, inp in sorted(self.inputs.items()):
+            outline, fell_back = self._outline(inp)
+            n_fallback += fell_back
+            outline = thin_polygon(outline)
+            inputs.append(InputRow(instrument=key[0], visit=key[1], detector=key[2],
+                                   physical_filter=inp["physical_filter"] or band,
+                                   day_obs=day_obs(inp["mjd"]), polygon=outline))
+            xy = np.asarray(outline)
+            polys[key] = Polygon(x_vertices=xy[:, 0], y_vertices=xy[:, 1])
+            extra[f"{key[0]}/{key[1]}/{key[2]}"] = {"content_hash": inp["hash"],
+                                                    "folded_at": inp["folded_at"]}
+        rows = []
+        for r in self.rows:
+            x, y = self.layout.cell_centre(r.cell_i, r.cell_j)
+            inside = bool(polys[(r.instrument, r.visit, r.detector)].contains(x=x, y=y))
+            rows.append(replace(r, overlaps_center=inside))
+        metadata = {
+            "STREAMCOADD_POLYGONS": "footprint" if n_fallback == 0 else
+            f"cell-union for {n_fallback} of {len(inputs)} inputs (state without footprints)",
+            "STREAMCOADD_FALLBACK_CELLS": ";".join(self.fallback_cells),
+            "STREAMCOADD_INPUTS": json.dumps(extra, sort_keys=True)}
+        return inputs, rows, metadata
+
+
+def _cell_planes(acc, tract: Tract, config: FoldConfig, layout):
+    """The inner-box planes of one cell's coadd (``CellPlanes``), or None if empty."""
+    from streamcoadd.io.lsst_images import CellPlanes
+
+    sums = acc.active()
+    if sums is None:
+        return None, None
+    p = coadd_planes(sums, config)
+    cell = acc.cell
+    sl = tract.cell_inner_box(cell).slices((acc.outer.x0, acc.outer.y0))
+    fractions = {"interpolated": p["maskfrac"][sl]}
+    if "saturated" in fraction_names(config):
+        sat = sums.planes.get("SAT")
+        sum_w = sums.sum_w[sl]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.zeros(sum_w.shape) if sat is None else np.divide(sat[sl], sum_w)
+        fractions["saturated"] = np.where(sum_w > 0, frac, 0.0)
+    rec = CellPlanes(i=cell.y, j=cell.x, image=p["image"][sl], variance=p["variance"][sl],
+                     mask=p["mask"][sl], psf=p["psf"], mask_fractions=fractions,
+                     noise=[n[sl] for n in p["noise"]])
+    return rec, sums
+
+
+def _stream_cells(store, tract: Tract, band: str, cells: list[CellId], layout,
+                  prov: _Provenance):
+    """Yield each populated cell's ``CellPlanes`` reading one cell file at a time
+    (the manifest is read once; a cell superseded meanwhile is re-read through it)."""
+    from streamcoadd.store.cellfile import read_cell_file
+
+    config = store.fold
+    patch = cells[0].patch if cells else None
+    manifest = (store.read_manifest(patch, band) if patch else None) or {"cells": {}}
+    d = store.shard_dir(patch, band) if patch else None
+    for cell in cells:
+        path = d / store.cell_filename(cell, manifest["cells"].get(f"{cell.x}-{cell.y}", 0))
+        try:
+            acc, _ = read_cell_file(path, for_coadd=True)
+        except FileNotFoundError:
+            got = store.read_cell(cell, band)
+            if got is None:
+                continue
+            acc = got[0]
+        rec, sums = _cell_planes(acc, tract, config, layout)
+        if rec is None:
+            continue
+        prov.add_cell(rec.i, rec.j, sums.contributors, acc.active_group())
+        yield rec
+
+
+def export_cell_coadd(store, skymap_name: str, patch: PatchId, band: str,
+                      cells: list[CellId], out_dir, compression: str = "lossless") \
+        -> ExportedCoadd | None:
+    """Write the populated ``cells`` of one patch and band as a Rubin ``CellCoadd``
+    (``out_dir / cellcoadd_name(patch, band)``, atomically), streaming the cells from the
+    state. Returns what was written, or None when no cell had data (nothing written).
+    Needs lsst-images (Python >= 3.12): raises ``UserError`` saying what to install."""
+    from streamcoadd.io.lsst_images import StitchedPlanes, write_cell_coadd
+
+    tract = store.skymap.tract(patch.tract)
+    config = store.fold
+    layout = patch_layout(tract, patch, skymap_name)
+    planes = StitchedPlanes(layout, CANONICAL_PLANES, fraction_names(config),
+                            config.noise_realizations, config.psf_size)
+    prov = _Provenance(layout)
+    for rec in _stream_cells(store, tract, band, sorted(cells), layout, prov):
+        planes.add(rec)
+    if planes.n_present == 0:
+        return None
+    inputs, rows, metadata = prov.tables(band)
+    cc = planes.to_cell_coadd(band, inputs, rows,
+                              {**metadata, "STREAMCOADD_COMPRESSION": str(compression)})
+    path = write_cell_coadd(cc, Path(out_dir) / cellcoadd_name(patch, band), compression)
+    filters = tuple(sorted({(r.instrument, r.physical_filter) for r in inputs}))
+    return ExportedCoadd(path=path, patch=patch, patch_id=layout.patch_id, band=band,
+                         n_cells=planes.n_present, filters=filters)
