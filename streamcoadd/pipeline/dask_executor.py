@@ -37,7 +37,6 @@ has committed it, i.e. it is durable. Exactly-once holds under Dask's own behavi
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -45,26 +44,33 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from streamcoadd.core.config import RunConfig
 from streamcoadd.core.errors import UserError, WarpRejected
-from streamcoadd.core.skymap import Box, PatchId
+from streamcoadd.core.fold import PreparedWarp
+from streamcoadd.core.skymap import PatchId
 from streamcoadd.core.version import __version__
-from streamcoadd.core.warp import WarpId, file_hash
-from streamcoadd.io.warp_reader import pixel_origin as pixel_origin
-from streamcoadd.io.warp_reader import read_bytes as read_bytes
-from streamcoadd.io.warp_reader import read_warp
-from streamcoadd.pipeline.ingest import (
-    Outcome,
+from streamcoadd.core.warp import file_hash
+from streamcoadd.io.warp_reader import read_bytes
+from streamcoadd.pipeline.admission import Admission, ContentVerdict, ShardVerdict, shard_verdict
+from streamcoadd.pipeline.fold_step import (
+    cached_shard,
     fold_into_shard,
-    ledger_duplicate,
-    shard_inputs,
+    forget_shard,
+    forget_shards,
 )
-from streamcoadd.store.ledger import WarpRecord
+from streamcoadd.pipeline.ingest import warp_records
+from streamcoadd.pipeline.outcome import Outcome, OutcomeStatus
+from streamcoadd.pipeline.source import (
+    WarpChanged,
+    contributing_patches,
+    load_warp,
+    probe_warp,
+    route,
+)
 
 log = logging.getLogger("streamcoadd.pipeline.dask_executor")
 
@@ -79,14 +85,10 @@ MAX_CONFLICT_ATTEMPTS = 8  # compare-and-swap retries of one task on one shard
 # executor thread, so that a task's commit() only ever sees its own shard.
 _stores: dict[tuple[int, str], tuple[tuple, object]] = {}
 _prepared_lock = threading.Lock()
-_prepared: "OrderedDict[str, tuple[object, int]]" = OrderedDict()  # hash -> (PreparedWarp, bytes)
+_prepared: "OrderedDict[str, tuple[PreparedWarp, int]]" = OrderedDict()  # hash -> (warp, bytes)
 
 
 _counters = {"warps_read": 0}
-
-
-class _Changed(Exception):
-    """The warp file's content is not the one the coordinator hashed."""
 
 
 def _worker_store(root: str):
@@ -112,39 +114,33 @@ def _worker_store(root: str):
 def _fresh_shard(store, patch: PatchId, band: str):
     """The shard as committed on disk: a cached copy is kept only if nobody committed the
     shard since (manifest commit counter unchanged) and it holds no uncommitted work."""
-    key = (patch, band)
-    cached = store.shards.get(key)
+    cached = cached_shard(store, patch, band)
     if cached is not None:
         manifest = store.read_manifest(patch, band)
         on_disk = int(manifest["commit"]) if manifest else 0
         if on_disk != cached.commit or cached.changed:
-            del store.shards[key]
+            forget_shard(store, patch, band)
             cached = None
     return store.shard(patch, band), cached is not None
 
 
-def _prepared_warp(path: str, h: str, store, cache_bytes: int):
+def _worker_warp(path: str, h: str, store, cache_bytes: int) -> PreparedWarp:
     """Read, validate and prepare a warp once per worker process (LRU by bytes): a warp
-    spanning several patches is folded by several shard tasks, often on the same worker."""
-    from streamcoadd.core.fold import prepare_warp
-
+    spanning several patches is folded by several shard tasks, often on the same worker.
+    Raises :class:`WarpRejected` (:class:`WarpChanged` if the content is not ``h``)."""
     with _prepared_lock:
         hit = _prepared.get(h)
         if hit is not None:
             _prepared.move_to_end(h)
             return hit[0]
     _counters["warps_read"] += 1
-    data = read_bytes(path)
-    if file_hash(data) != h:
-        raise _Changed()
-    fold = store.fold
-    warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations, data=data,
-                     content_hash=h)
-    del data
-    prepared = prepare_warp(warp, fold)
-    arrays = [prepared.image, prepared.variance, prepared.valid, prepared.bad,
-              prepared.or_mask, *prepared.noise, *prepared.planes.values(),
-              warp.image, warp.mask, warp.variance, *warp.noise]
+    loaded = load_warp(path, store.skymap, store.fold, expect_hash=h, patches=())
+    if loaded.rejection is not None:
+        raise loaded.rejection
+    # w·I and w²·var once per warp, as the local loader does (bit-identical sums)
+    prepared = loaded.prepared.with_products()
+    arrays = [prepared.w_image, prepared.w2_variance, prepared.valid, prepared.bad,
+              prepared.or_mask, *prepared.noise, *prepared.planes.values()]
     nbytes = sum(a.nbytes for a in arrays)
     if cache_bytes > 0:
         with _prepared_lock:
@@ -164,22 +160,20 @@ def drop_worker_caches(root: str | None = None) -> None:
         _prepared.clear()
     for (_, r), (_, store) in list(_stores.items()):
         if root is None or r == root:
-            store.shards.clear()
+            forget_shards(store)
 
 
 def _prepare(path: str, h: str, store, cache_bytes: int):
     """(PreparedWarp, None), or (None, result fields) if the warp is rejected or changed."""
     try:
-        return _prepared_warp(path, h, store, cache_bytes), None
+        return _worker_warp(path, h, store, cache_bytes), None
+    except WarpChanged as e:
+        return None, {"status": "changed", "reason": e.reason}
     except WarpRejected as e:
         return None, {"status": "rejected", "reason": e.reason}
-    except _Changed:
-        return None, {"status": "changed", "reason": "the file changed while it was being "
-                                                     "ingested (its content hash differs); "
-                                                     "deliver it again"}
 
 
-def _fold_prepared(store, shard, tract, path: str, h: str, prepared, failed) -> dict:
+def _fold_prepared(store, shard, path: str, h: str, prepared, failed) -> dict:
     """Fold one prepared warp into one shard (in memory); the result for that pair."""
     t0 = time.perf_counter()
     res = {"hash": h, "path": path, "status": "", "cells": 0, "weight": 0.0, "reason": "",
@@ -189,21 +183,21 @@ def _fold_prepared(store, shard, tract, path: str, h: str, prepared, failed) -> 
         return res
     w = prepared.warp
     res.update(visit=w.id.visit, detector=w.id.detector, weight=float(prepared.weight))
-    vd = (w.id.visit, w.id.detector)
-    if w.band != shard.band or w.id.tract != shard.patch.tract:
+    verdict = shard_verdict(shard, w.id, w.band, h)
+    if verdict == ShardVerdict.MISROUTED:
         res.update(status="misrouted", reason=f"{w.id} band {w.band} was sent to shard "
                                               f"{shard.patch} band {shard.band}")
-    elif h in shard.warps or h in shard.pending_warps:
-        # Durable in this shard already: a rerun of this task, or a replay after a crash.
-        res.update(status="present",
-                   cells=len(shard_inputs(prepared, tract, shard.patch, store.fold)))
-    elif any(v == vd and k != h for k, v in (*shard.warps.items(), *shard.pending_warps.items())):
+    elif verdict == ShardVerdict.CONFLICT:
         res.update(status="conflict", reason=f"{w.id} is already in shard {shard.patch} band "
                                              f"{shard.band} with different content")
     else:
-        inputs = shard_inputs(prepared, tract, shard.patch, store.fold)
-        n = fold_into_shard(store, shard, inputs, prepared)
-        res.update(status="folded" if n else "no_cells", cells=n)
+        inputs = route(prepared, store.skymap, store.fold, [shard.patch])[shard.patch]
+        if verdict == ShardVerdict.PRESENT:
+            # Durable in this shard already: a rerun of this task, or a replay after a crash.
+            res.update(status="present", cells=len(inputs))
+        else:
+            n = fold_into_shard(store, shard, inputs, prepared)
+            res.update(status="folded" if n else "no_cells", cells=n)
     res["ms"] = (time.perf_counter() - t0) * 1e3
     return res
 
@@ -230,7 +224,6 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
     patch = PatchId(tract_id, px, py)
     store = _worker_store(root)
     store.cache_bytes = cache_bytes
-    tract = store.skymap.tract(tract_id)
     last: BaseException | None = None
     read0 = _counters["warps_read"]
     order = _warp_order(warps)
@@ -241,7 +234,7 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
             for i in order:
                 path, h = warps[i]
                 prepared, failed = _prepare(path, h, store, prepared_cache_bytes)
-                results[i] = _fold_prepared(store, shard, tract, path, h, prepared, failed)
+                results[i] = _fold_prepared(store, shard, path, h, prepared, failed)
             written = len(shard.dirty)
             if shard.changed:
                 store.commit()  # only this shard is dirty in this thread's store
@@ -253,11 +246,11 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
         except (ShardConflict, FileNotFoundError) as e:
             # Another writer committed the shard meanwhile (a second copy of this task, or
             # a superseded generation vanished while we read it): start again from disk.
-            store.shards.pop((patch, band), None)
+            forget_shard(store, patch, band)
             last = e
             time.sleep(random.uniform(0.01, 0.05) * attempt)
         except BaseException:
-            store.shards.pop((patch, band), None)  # never let half-folded memory survive
+            forget_shard(store, patch, band)  # never let half-folded memory survive
             raise
     raise RuntimeError(f"shard {patch} band {band}: gave up after {MAX_CONFLICT_ATTEMPTS} "
                        f"compare-and-swap conflicts ({last})")
@@ -282,7 +275,7 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
                 "warps_read": _counters["warps_read"] - read0}
     store = _worker_store(root)
     store.cache_bytes = cache_bytes
-    shards, cached, tracts = {}, {}, {}
+    shards, cached = {}, {}
     paths: dict[str, str] = {}
     targets: dict[str, list[ShardKey]] = {}  # warp -> its shards in this task, in order
     for key, warps in groups:
@@ -296,13 +289,12 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
         for key, _ in groups:
             t, px, py, band = key
             shards[key], cached[key] = _fresh_shard(store, PatchId(t, px, py), band)
-            tracts[key] = store.skymap.tract(t)
         for i in _warp_order([(paths[h], h) for h in hashes]):
             h = hashes[i]
             prepared, failed = _prepare(paths[h], h, store, prepared_cache_bytes)
             for key in targets[h]:
-                results[key][h] = _fold_prepared(store, shards[key], tracts[key], paths[h],
-                                                 h, prepared, failed)
+                results[key][h] = _fold_prepared(store, shards[key], paths[h], h, prepared,
+                                                 failed)
         redo = []
         for key, warps in groups:
             shard = shards[key]
@@ -311,7 +303,7 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
                 if shard.changed:
                     store.commit_shard(shard)  # this shard only, under its lock, CAS
             except ShardConflict:
-                store.shards.pop((shard.patch, shard.band), None)
+                forget_shard(store, shard.patch, shard.band)
                 redo.append((key, warps))
                 continue
             out[key] = {"shard": key, "results": [results[key][h] for _, h in warps],
@@ -322,11 +314,11 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
         # drop what is not committed and do the remaining shards one by one.
         redo = [(key, warps) for key, warps in groups if key not in out]
         for key, _ in redo:
-            store.shards.pop((PatchId(*key[:3]), key[3]), None)
+            forget_shard(store, PatchId(*key[:3]), key[3])
     except BaseException:
         for key, _ in groups:
             if key not in out:  # never let half-folded memory survive
-                store.shards.pop((PatchId(*key[:3]), key[3]), None)
+                forget_shard(store, PatchId(*key[:3]), key[3])
         raise
     for key, warps in redo:
         r = fold_shard_batch(root, key, warps, cache_bytes, prepared_cache_bytes)
@@ -341,75 +333,15 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
 
 @dataclass
 class _Item:
-    """One accepted warp on its way through the shard tasks."""
+    """One accepted warp on its way through the shard tasks (the coordinator's own
+    bookkeeping: mutable, never leaves this process)."""
 
     outcome: Outcome
     abspath: str
     shards: set
     results: dict = field(default_factory=dict)  # shard key -> result dict
     errors: dict = field(default_factory=dict)  # shard key -> error text
-
-
-@dataclass
-class _Probe:
-    warp_id: WarpId
-    band: str
-    box: Box
-
-
-def _probe(path: str, data: bytes, store) -> _Probe:
-    """Identity, band and pixel box from the primary and IMAGE headers (cheap). Anything
-    odd falls back to the full reader, whose rejection message is the reference one."""
-    from astropy.io import fits
-
-    from streamcoadd.io.warp_reader import gunzip as gunzip
-    from streamcoadd.io.warp_reader import int_key as int_key
-
-    try:
-        if data[:2] == b"\x1f\x8b":  # .fits.gz: the hash is of the file as delivered
-            data = gunzip(path, data)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=True) as hdul:
-                ph = hdul[0].header
-                ih = hdul["IMAGE"].header
-                wid = WarpId(int_key(path, ph, "TRACT"), int_key(path, ph, "VISIT"),
-                             int_key(path, ph, "DETECTOR"))
-                band = ph["BAND"].strip()
-                if not band or len(band) > 32 or not band.replace("_", "").replace("-", "").isalnum():
-                    raise ValueError("band")
-                store.skymap.tract(wid.tract)
-                if ih["NAXIS"] != 2:
-                    raise ValueError("naxis")
-                x0, y0 = pixel_origin(path, ih)
-                return _Probe(wid, band, Box(x0, y0, x0 + int(ih["NAXIS1"]),
-                                             y0 + int(ih["NAXIS2"])))
-    except Exception:  # noqa: BLE001 - the full reader says precisely what is wrong
-        fold = store.fold
-        warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations, data=data)
-        return _Probe(warp.id, warp.band, warp.box)
-
-
-def _contributing_patches(tract, box: Box, fold) -> list[PatchId]:
-    """Patches with at least one cell the warp's pixel box *could* contribute to: the cell
-    centre inside the box and enough of the inner box covered (``cell_input``'s necessary
-    geometric conditions; whether the pixels there are valid is for the worker to see).
-    A warp always overlaps more patch *outer* boxes than it can feed; skipping the others
-    saves reading it on workers that would find nothing to fold."""
-    out = []
-    for patch in tract.patches_overlapping(box):
-        for cell in tract.cells_overlapping(patch, box):
-            cx, cy = tract.cell_centre(cell)
-            if not (box.x0 <= cx < box.x1 and box.y0 <= cy < box.y1):
-                continue
-            inner = tract.cell_inner_box(cell)
-            part = inner.intersection(box)
-            # same form as cell_input's test, with covered pixels <= part's area
-            if not part.empty and (part.width * part.height) / (inner.width * inner.height) \
-                    >= fold.min_overlap_fraction:
-                out.append(patch)
-                break
-    return out
+    copies: list = field(default_factory=list)  # in-batch duplicates (pending Outcomes)
 
 
 class DistributedIngestor:
@@ -451,7 +383,7 @@ class DistributedIngestor:
         self.batch = max(1, batch or run.commit_every)
         self.max_batch = max(self.batch, max_batch or 4 * self.batch)
         self.retries = retries
-        self.allow_refold = allow_refold  # fold again warps that were retracted
+        self.admission = Admission(store, allow_refold)
         self.log_failures = log_failures  # the daemon: failed warps are logged, not kept
         self.log = logger or log
         self.heartbeat = heartbeat  # called about every second while waiting for tasks
@@ -462,7 +394,6 @@ class DistributedIngestor:
         self._busy: dict[ShardKey, object] = {}  # shard -> its one future in flight
         # future -> ([(shard, hashes)], worker it was placed on or None)
         self._tasks: dict[object, tuple[list[tuple[ShardKey, list[str]]], str | None]] = {}
-        self._ids: dict[ShardKey, dict[tuple[int, int], set[str]]] = {}  # manifest identities
         self._home: dict[ShardKey, str] = {}  # shard -> worker that holds it in memory
         self._inflight: dict[str, int] = {}  # worker -> tasks placed there, not finished
         self._workers: dict[str, int] = {}  # live worker -> threads
@@ -486,7 +417,13 @@ class DistributedIngestor:
     # ------------------------------------------------------------------ Ingestor contract
     @property
     def pending(self) -> int:
-        return len(self._items)
+        """Warps (and in-batch copies) whose final outcome has not been returned."""
+        return len(self._items) + sum(len(it.copies) for it in self._items.values()) \
+            + len(self._ready)
+
+    def close(self) -> None:
+        """Nothing to release here: the caller owns the client (pending work is not
+        committed: call commit first)."""
 
     def needs_commit(self) -> bool:
         if not self._items:
@@ -503,8 +440,8 @@ class DistributedIngestor:
             outcome = self._submit(path)
         except WarpRejected as e:
             self.store.ledger.record_rejection(path, e.reason)
-            outcome = Outcome(path, "rejected", reason=e.reason)
-        outcome.ms = (time.perf_counter() - t0) * 1e3
+            outcome = Outcome(path, OutcomeStatus.REJECTED, reason=e.reason)
+        outcome = replace(outcome, ms=(time.perf_counter() - t0) * 1e3)
         self._pump(block=False)
         return outcome
 
@@ -548,60 +485,42 @@ class DistributedIngestor:
         store = self.store
         data = read_bytes(path)
         h = file_hash(data)
-        known = ledger_duplicate(store, path, h, self.allow_refold)
-        if known is not None:
-            return known
-        if h in self._items:
-            o = self._items[h].outcome
-            return Outcome(path, "duplicate", reason=f"same content as {o.path}",
-                           warp_id=o.warp_id, band=o.band, content_hash=h)
-        p = _probe(path, data, store)
+        seen = self.admission.by_content(path, h)
+        if seen.verdict == ContentVerdict.DUPLICATE:
+            return Outcome(path, OutcomeStatus.DUPLICATE,
+                           reason=f"already folded from {seen.original}",
+                           warp_id=seen.warp_id, band=seen.band, content_hash=h)
+        if seen.verdict == ContentVerdict.IN_BATCH:
+            # Not durable yet: acknowledged with the original, when it is final.
+            item = self._items[h]
+            copy = replace(item.outcome, path=path, reason=f"same content as {seen.original}")
+            item.copies.append(copy)
+            return copy
+        p = probe_warp(path, data, store.skymap, store.fold)
         del data
         wid = p.warp_id
-        for r in store.ledger.find_id(wid.tract, wid.visit, wid.detector):
-            if r.content_hash != h and r.status != "retracted":
-                raise WarpRejected(path, f"{wid} was already folded from {r.path} with "
-                                         "different content; retract it first if this file "
-                                         "replaces it")
-        for it in self._items.values():
-            if it.outcome.warp_id == wid and it.outcome.content_hash != h:
-                raise WarpRejected(path, f"{wid} is also in {it.outcome.path} with different content")
+        self.admission.by_identity(path, h, wid)
         tract = store.skymap.tract(wid.tract)
         keys = [(pt.tract, pt.x, pt.y, p.band)
-                for pt in _contributing_patches(tract, p.box, store.fold)]
-        for key in keys:
-            other = self._manifest_ids(key).get((wid.visit, wid.detector), set()) - {h}
-            if other:
-                raise WarpRejected(path, f"{wid} is already in the state with different "
-                                         "content; retract it first if this is a replacement")
-        outcome = Outcome(path, "pending", warp_id=wid, band=p.band, content_hash=h)
+                for pt in contributing_patches(tract, p.box, store.fold)]
+        outcome = Outcome(path, OutcomeStatus.PENDING, warp_id=wid, band=p.band, content_hash=h)
         if not keys:
             # Touches no patch: validate it fully here (nobody else will), then it is seen.
-            fold = store.fold
-            warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations)
-            from streamcoadd.core.fold import prepare_warp
-
-            outcome.weight = prepare_warp(warp, fold).weight
-            self._finish([_Item(outcome, path, set())])
-            return Outcome(path, "pending", warp_id=wid, band=p.band, content_hash=h)
+            loaded = load_warp(path, store.skymap, store.fold, expect_hash=h, patches=())
+            if loaded.rejection is not None:
+                raise loaded.rejection
+            item = _Item(replace(outcome, weight=loaded.prepared.weight), path, set())
+            self._items[h] = item
+            self._finish([item])
+            return outcome
         item = _Item(outcome, str(Path(path).absolute()), set(keys))
         if not self._items:
             self._first_pending_at = time.monotonic()
         self._items[h] = item
+        self.admission.add_pending(path, h, wid)
         for key in keys:
             self._queues.setdefault(key, []).append(h)
-        return Outcome(path, "pending", warp_id=wid, band=p.band, content_hash=h)
-
-    def _manifest_ids(self, key: ShardKey) -> dict[tuple[int, int], set[str]]:
-        """(visit, detector) -> hashes in the shard's manifest, read once per run; the
-        shard tasks of this run are the only writers, and their warps are added below."""
-        ids = self._ids.get(key)
-        if ids is None:
-            ids = self._ids[key] = {}
-            m = self.store.read_manifest(PatchId(*key[:3]), key[3])
-            for h, (v, d) in (m or {}).get("warps", {}).items():
-                ids.setdefault((int(v), int(d)), set()).add(h)
-        return ids
+        return outcome
 
     # ------------------------------------------------------------------ scheduling
     def _live_workers(self, force: bool = False) -> dict[str, int]:
@@ -815,52 +734,61 @@ class DistributedIngestor:
             st["shard_cached"] += bool(r["shard_cached"])
             st["cells_written"] += r["cells_written"]
             for x in r["results"]:
-                it = self._items[x["hash"]]
-                it.results[key] = x
-                if x["status"] in ("folded", "present") and x["cells"]:
-                    wid = it.outcome.warp_id
-                    self._manifest_ids(key).setdefault((wid.visit, wid.detector),
-                                                       set()).add(x["hash"])
+                self._items[x["hash"]].results[key] = x
                 if x["status"] == "present":
                     st["present"] += 1
 
     def _finish(self, items: list[_Item]) -> None:
-        """Decide each complete warp; one ledger transaction for all that are done."""
-        records, done = [], []
+        """Decide each complete warp; one ledger transaction for all that are done. The
+        in-batch copies of a warp get their outcome now, with it: duplicate once it is
+        durable, else the original's failure or rejection."""
+        done, failed, rejected = [], [], []
         for it in items:
             self._items.pop(it.outcome.content_hash, None)
-            o = it.outcome
-            statuses = {r["status"] for r in it.results.values()}
-            reasons = [r["reason"] for r in it.results.values() if r["reason"]]
-            if it.errors or statuses & {"changed", "conflict", "misrouted"} or \
-                    ("rejected" in statuses and len(statuses) > 1):
-                o.status = "failed"
-                o.reason = "; ".join(sorted(set(it.errors.values()) | set(reasons))) + \
-                    " (not done: deliver the file again; shards that hold it skip it)"
-                if self.log_failures:
-                    self.log.error("%s not folded: %s; it stays in the inbox and is taken "
-                                   "again", o.path, o.reason)
-                else:
-                    self.failed.append(o)
-                continue
-            if statuses == {"rejected"}:
-                o.status, o.reason = "rejected", reasons[0]
-                self.store.ledger.record_rejection(o.path, o.reason)
-                self._ready.append(o)
-                continue
-            o.cells = sum(r["cells"] for r in it.results.values())
-            o.ms = sum(r.get("ms", 0.0) for r in it.results.values())
-            if it.results:
-                o.weight = next(iter(it.results.values()))["weight"]
-            o.status = "folded" if o.cells else "no_cells"
-            records.append(WarpRecord(o.content_hash, o.warp_id.tract, o.warp_id.visit,
-                                      o.warp_id.detector, o.band, o.path, o.status, o.cells,
-                                      o.weight, time.time()))
-            done.append(o)
-        self.store.ledger.record_warps(records)
-        self._ready += done
+            o = self._decide(it)
+            if o.status == OutcomeStatus.FAILED:
+                failed += [o, *(replace(c, status=o.status, reason=o.reason) for c in it.copies)]
+            elif o.status == OutcomeStatus.REJECTED:
+                rejected += [o, *(replace(c, status=o.status, reason=o.reason) for c in it.copies)]
+            else:
+                done.append((o, it))
+        self.store.ledger.record_warps(warp_records([o for o, _ in done]))
+        self.admission.committed([(o.content_hash, o.warp_id, o.cells > 0) for o, _ in done])
+        for o in failed:
+            self.admission.drop_pending(o.content_hash)
+            if self.log_failures:
+                self.log.error("%s not folded: %s; it stays in the inbox and is taken "
+                               "again", o.path, o.reason)
+            else:
+                self.failed.append(o)
+        for o in rejected:
+            self.admission.drop_pending(o.content_hash)
+            self.store.ledger.record_rejection(o.path, o.reason)
+        self._ready += rejected
+        for o, it in done:
+            self._ready += [o, *(replace(c, status=OutcomeStatus.DUPLICATE) for c in it.copies)]
         if not self._items:
             self._first_pending_at = None
+
+    @staticmethod
+    def _decide(it: _Item) -> Outcome:
+        """The final outcome of one warp from its shards' results."""
+        o = it.outcome
+        statuses = {r["status"] for r in it.results.values()}
+        reasons = [r["reason"] for r in it.results.values() if r["reason"]]
+        if it.errors or statuses & {"changed", "conflict", "misrouted"} or \
+                ("rejected" in statuses and len(statuses) > 1):
+            reason = "; ".join(sorted(set(it.errors.values()) | set(reasons))) + \
+                " (not done: deliver the file again; shards that hold it skip it)"
+            return replace(o, status=OutcomeStatus.FAILED, reason=reason)
+        if statuses == {"rejected"}:
+            return replace(o, status=OutcomeStatus.REJECTED, reason=reasons[0])
+        cells = sum(r["cells"] for r in it.results.values())
+        return replace(o, status=OutcomeStatus.FOLDED if cells else OutcomeStatus.NO_CELLS,
+                       cells=cells,
+                       ms=sum(r.get("ms", 0.0) for r in it.results.values()) or o.ms,
+                       weight=next(iter(it.results.values()))["weight"] if it.results
+                       else o.weight)
 
 
 # =============================================================================== clusters
@@ -933,13 +861,92 @@ def close(client) -> None:
         cluster.close()
 
 
-def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = RunConfig(),
-                       *, client=None, batch: int | None = None, retries: int = 3,
-                       progress=None, store=None, allow_refold: bool = False) -> list[Outcome]:
-    """Fold warp files into ``state`` on a Dask cluster; returns one outcome per file
-    (folded, no_cells, duplicate, rejected, or failed = not done, deliver again).
-    ``client``: an existing ``distributed.Client`` (else one is made from ``address``).
-    ``progress(outcome)`` is called for every final outcome."""
+@dataclass(frozen=True)
+class DaskStats:
+    """What the cluster did in one :func:`run_distributed`.
+
+    Attributes
+    ----------
+    tasks : int
+        Shard tasks that returned.
+    shard_commits : int
+        Shard commits (one per shard per task).
+    task_seconds : float
+        Wall time summed over tasks, s.
+    conflict_retries : int
+        Compare-and-swap retries (another copy of a task committed first).
+    present : int
+        (warp, shard) pairs found already durable (reruns, replays).
+    shard_cached : int
+        Shard tasks that found their shard in the worker's memory.
+    warps_read : int
+        Warps read and prepared by workers (a warp feeding shards on two workers: 2).
+    cells_written : int
+        Cell generations committed.
+    rescued : int
+        Tasks sent again after being stranded on a vanished worker.
+    workers : frozenset of (host, pid)
+        Worker processes that ran tasks.
+    """
+
+    tasks: int = 0
+    shard_commits: int = 0
+    task_seconds: float = 0.0
+    conflict_retries: int = 0
+    present: int = 0
+    shard_cached: int = 0
+    warps_read: int = 0
+    cells_written: int = 0
+    rescued: int = 0
+    workers: frozenset = frozenset()
+
+    @classmethod
+    def of(cls, stats: dict) -> "DaskStats":
+        return cls(**{**stats, "workers": frozenset(stats["workers"])})
+
+    def __getitem__(self, key: str):
+        """``stats["tasks"]``: the former dict access (kept for callers of the dict)."""
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
+
+
+@dataclass(frozen=True)
+class DistributedRun:
+    """The result of :func:`run_distributed`: one final outcome per file, in the order
+    they became final, and the cluster's statistics."""
+
+    outcomes: tuple[Outcome, ...]
+    stats: DaskStats
+
+
+def run_distributed(state, paths, address="local:2", run_config: RunConfig = RunConfig(),
+                    *, client=None, batch: int | None = None, retries: int = 3,
+                    progress=None, store=None, allow_refold: bool = False) -> DistributedRun:
+    """Fold warp files into ``state`` on a Dask cluster.
+
+    Parameters
+    ----------
+    state : path
+        The state directory (opened for writing here unless ``store`` is given).
+    paths : iterable of path
+        Warp files.
+    address : str
+        Scheduler address, or ``local:N`` (used only without ``client``).
+    client : distributed.Client, optional
+        An existing client (else one is made from ``address`` and closed at the end).
+    batch, retries
+        Warps per shard task; retries of a failed task.
+    progress : callable, optional
+        ``progress(outcome)`` for every final outcome.
+
+    Returns
+    -------
+    DistributedRun
+        Outcomes: folded, no_cells, duplicate, rejected, or failed (not done: deliver
+        again).
+    """
     from streamcoadd.store.state import StateStore
 
     own_client = client is None
@@ -967,7 +974,7 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
         window = max(4 * ing.max_batch, 64)
         for p in paths:
             o = ing.submit(p)
-            if o.status != "pending":
+            if o.status != OutcomeStatus.PENDING:
                 report([o])
             report(ing.collect())
             report(ing.take_failed())
@@ -977,7 +984,6 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
                 report(ing.take_failed())
         report(ing.commit())
         report(ing.take_failed())
-        ingest_distributed.last_stats = ing.stats
         try:
             client.run(drop_worker_caches, ing.root)
         except Exception:  # noqa: BLE001 - a worker just lost; its memory is gone anyway
@@ -987,9 +993,14 @@ def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = 
             store.close()
         if own_client:
             close(client)
-    return outcomes
+    return DistributedRun(tuple(outcomes), DaskStats.of(ing.stats))
 
 
-# =============================================================================== CLI
-
-
+def ingest_distributed(state, paths, address="local:2", run_config: RunConfig = RunConfig(),
+                       **kwargs) -> list[Outcome]:
+    """Former API: :func:`run_distributed`'s outcomes as a list; its statistics stay
+    readable as ``ingest_distributed.last_stats`` until the CLI uses ``run_distributed``
+    (deprecated: a function attribute is a side channel)."""
+    run = run_distributed(state, paths, address, run_config, **kwargs)
+    ingest_distributed.last_stats = run.stats
+    return list(run.outcomes)
