@@ -290,6 +290,20 @@ def test_tract_maps(state):
         assert np.isfinite(tr.fwhm_map("r")[0, 0])
 
 
+def set_cell_version(path, version: int) -> None:
+    """Rewrite the version of a version-3 cell file's header (and its checksum)."""
+    import zlib
+
+    with h5py.File(path, "r+") as f:
+        blob = f["header"][()].tobytes().rpartition(b"\n")[0]
+        header = json.loads(blob)
+        header["version"] = version
+        blob = json.dumps(header).encode()
+        blob += b"\n%08x" % zlib.crc32(blob)
+        del f["header"]
+        f["header"] = np.frombuffer(blob, np.uint8)
+
+
 def test_reader_refuses_unknown_versions(state, tmp_path):
     import shutil
 
@@ -298,15 +312,14 @@ def test_reader_refuses_unknown_versions(state, tmp_path):
     shard = copy / "shards" / "t0" / "p0-0" / "r"
     m = json.loads((shard / "manifest.json").read_text())
     gen = m["cells"]["2-2"]
-    with h5py.File(shard / f"c2-2.g{gen}.h5", "r+") as f:
-        f.attrs["version"] = 99
+    set_cell_version(shard / f"c2-2.g{gen}.h5", 99)
     with streamcoadd.open_state(copy) as st:
         p = st.patch(P00, "r")
         with pytest.raises(streamcoadd.core.errors.StateError, match="version"):
             p.summary()
         with pytest.raises(Exception, match="version"):
             p.cell(2, 2).image
-    m["version"] = 2
+    m["version"] = 99
     (shard / "manifest.json").write_text(json.dumps(m))
     with streamcoadd.open_state(copy) as st:
         with pytest.raises(streamcoadd.core.errors.StateError, match="version"):

@@ -38,30 +38,19 @@ import threading
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from streamcoadd.core.coadd import (
-    BIT,
-    CellCoadd,
-    box_wcs,
-    coadd_cell,
-    contributors_table,
-)
+from streamcoadd.core.coadd import BIT, CellCoadd, box_wcs, coadd_cell
 from streamcoadd.core.errors import StateError, UserError
 from streamcoadd.core.fold import GROUPS
 from streamcoadd.core.masks import bitmask
 from streamcoadd.core.psf import psf_moments
 from streamcoadd.core.skymap import Box, CellId, PatchId
-from streamcoadd.store.cellfile import (
-    CELL_FORMAT,
-    READABLE_VERSIONS,
-    load_plane,
-    read_cell_file,
-)
-from streamcoadd.store.state import READ_RETRIES, STATE_VERSION, StateStore
+from streamcoadd.store.cellfile import count_inputs, read_cell_file, read_cell_summary
+from streamcoadd.store.format import Manifest, contributors_table
+from streamcoadd.store.state import StateStore
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 AB_ZERO_NJY = 3631e9  # nJy of an AB magnitude 0 source
@@ -106,18 +95,6 @@ def limiting_magnitude(variance: float, psf: np.ndarray, nsigma: float = 5.0) ->
     return -2.5 * math.log10(nsigma * sigma_f / AB_ZERO_NJY)
 
 
-def _check_version(path, attrs) -> None:
-    if attrs.get("format") != CELL_FORMAT:
-        raise StateError(f"{path}: not a streamcoadd cell file")
-    if int(attrs.get("version", -1)) not in READABLE_VERSIONS:
-        raise StateError(f"{path}: cell format version {attrs.get('version')} is not "
-                         f"one of {READABLE_VERSIONS}; upgrade streamcoadd")
-
-
-def _decode(v):
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def stitch_region(cell: CellId, inner: Box, outer: Box, n_side: int) -> Box:
     """The part of a cell that goes into a stitched patch: its inner box, grown to the
     outer box on the sides where the cell is on the patch edge (as ``finalize.stitch``)."""
@@ -156,7 +133,7 @@ class CellView:
 
     @property
     def path(self) -> Path:
-        return self._patch.directory / StateStore.cell_filename(self.id, self.generation)
+        return self._patch._state.store.cell_path(self.id, self.band, self.generation)
 
     # ------------------------------------------------------------- geometry (no I/O)
     @property
@@ -187,33 +164,21 @@ class CellView:
             return self._coadd
         st = self._patch._state
         st.check_priority()
-        gen = self.generation
-        last = None
-        for _ in range(READ_RETRIES):
-            path = self._patch.directory / StateStore.cell_filename(self.id, gen)
-            try:
-                acc, attrs = read_cell_file(path)
-                break
-            except FileNotFoundError as e:  # superseded by a later commit: follow it
-                last = e
-                manifest = st.store.read_manifest(self.id.patch, self.band) or {"cells": {}}
-                gen = manifest["cells"].get(f"{self.x}-{self.y}")
-                if gen is None:
-                    raise StateError(f"{self.id} band {self.band} no longer has any input "
-                                     "(retracted since the patch was opened)") from None
-                time.sleep(0.005)
-        else:
-            raise StateError(f"cannot read {self.id} band {self.band}: {last}")
+        got = st.store.read_current(self.id, self.band, self.generation, read_cell_file)
+        if got is None:
+            raise StateError(f"{self.id} band {self.band} no longer has any input "
+                             "(retracted since the patch was opened)")
+        gen, (acc, attrs) = got
         coadd = coadd_cell(acc, self.band, self._patch.geometry, st.fold)
         if coadd is None:
-            raise StateError(f"{path}: cell file holds no input")
+            raise StateError(f"{self.path}: cell file holds no input")
         self.generation, self._attrs, self._coadd = gen, attrs, coadd
         return coadd
 
     def reload(self) -> "CellView":
         """Forget what was read; the next access reads the current generation."""
-        manifest = self._patch._state.store.read_manifest(self.id.patch, self.band) or {"cells": {}}
-        gen = manifest["cells"].get(f"{self.x}-{self.y}")
+        manifest = self._patch._state.store.load_manifest(self.id.patch, self.band)
+        gen = manifest and manifest.generation(self.x, self.y)
         if gen is None:
             raise StateError(f"{self.id} band {self.band} has no input any more")
         self.generation, self._coadd, self._attrs = gen, None, None
@@ -290,7 +255,7 @@ class CellView:
         return {"sum_w": g.sum_w, "sum_wI": g.sum_wI, "sum_w2var": g.sum_w2var,
                 "sum_w_interp": g.sum_w_interp, "mask_or": g.mask_or, "noise": g.noise,
                 "psf_sum": g.psf_sum, "psf_w": g.psf_w, "planes": dict(g.planes),
-                "bit_counts": dict(g.bit_counts), "contributors": contributors_table(g)}
+                "bit_counts": dict(g.bit_counts), "contributors": contributors_table(g.contributors)}
 
     @property
     def groups(self) -> list[str]:
@@ -336,23 +301,19 @@ class PatchView:
 
     def refresh(self) -> "PatchView":
         self._state.check_priority()
-        m = self._state.store.read_manifest(self.id, self.band)
-        if m is not None and int(m.get("version", -1)) != STATE_VERSION:
-            raise StateError(f"{self.directory}/manifest.json: version {m.get('version')} "
-                             f"is not {STATE_VERSION}")
-        self.manifest = m or {"cells": {}, "warps": {}, "commit": 0, "updated": None}
-        self.generations = {tuple(int(v) for v in k.split("-")): int(g)
-                            for k, g in self.manifest["cells"].items()}
+        m = self._state.store.load_manifest(self.id, self.band)
+        self.manifest = m or Manifest.empty(self.id.tract, (self.id.x, self.id.y), self.band)
+        self.generations = dict(self.manifest.cells)
         return self
 
     @property
     def commit(self) -> int:
-        return int(self.manifest.get("commit", 0))
+        return self.manifest.commit
 
     @property
     def updated(self) -> float | None:
         """Unix time of the last commit of this shard (None if never)."""
-        return self.manifest.get("updated")
+        return self.manifest.updated
 
     @property
     def outer_box(self) -> Box:
@@ -370,7 +331,7 @@ class PatchView:
     @property
     def n_warps(self) -> int:
         """Warps folded into this shard (any cell)."""
-        return len(self.manifest.get("warps", {}))
+        return len(self.manifest.warps)
 
     def cell_ids(self) -> list[CellId]:
         """Populated cells, sorted by (y, x)."""
@@ -398,38 +359,18 @@ class PatchView:
 
     # ------------------------------------------------------------- light per-cell reads
     def _read_summary(self, cx: int, cy: int, gen: int, want_contrib: bool = False):
-        """What the maps need from one cell file, without reading the full sums."""
-        last = None
-        for _ in range(READ_RETRIES):
-            path = self.directory / f"c{cx}-{cy}.g{gen}.h5"
-            try:
-                with h5py.File(path, "r", locking=False) as f:
-                    attrs = dict(f.attrs)
-                    _check_version(path, attrs)
-                    group = _decode(attrs["active_group"])
-                    g = f[group]
-                    inner = Box(*(int(v) for v in attrs["inner_box"]))
-                    outer = Box(*(int(v) for v in attrs["outer_box"]))
-                    sl = inner.slices((outer.x0, outer.y0))
-                    sum_w = load_plane(g["sum_w"])[sl]
-                    sum_w2var = load_plane(g["sum_w2var"])[sl]
-                    psf_sum = g["psf_sum"][()]
-                    psf_w = float(g.attrs["psf_w"])
-                    contrib = g["contributors"][()]
-                    n_fallback = 0
-                    if group == "good" and "fallback" in f:
-                        n_fallback = len(f["fallback"]["contributors"])
-                return dict(gen=gen, group=group, sum_w=sum_w, sum_w2var=sum_w2var,
-                            psf=psf_sum / psf_w, contributors=contrib,
-                            n_fallback=n_fallback)
-            except FileNotFoundError as e:
-                last = e
-                m = self._state.store.read_manifest(self.id, self.band) or {"cells": {}}
-                gen = m["cells"].get(f"{cx}-{cy}")
-                if gen is None:
-                    return None
-                time.sleep(0.005)
-        raise StateError(f"cannot read cell {cx},{cy} of {self.id} band {self.band}: {last}")
+        """What the maps need from one cell file (through the store)."""
+        got = self._state.store.read_current(CellId(self.id, cx, cy), self.band, gen,
+                                             read_cell_summary)
+        if got is None:
+            return None
+        gen, s = got
+        g, h = s["sums"], s["header"]
+        inner, outer = Box(*h["inner_box"]), Box(*h["outer_box"])
+        sl = inner.slices((outer.x0, outer.y0))
+        return dict(gen=gen, group=s["group"], sum_w=g.sum_w[sl], sum_w2var=g.sum_w2var[sl],
+                    psf=g.psf_sum / g.psf_w, contributors=g.contributors,
+                    n_fallback=s["n_fallback"])
 
     def summary(self) -> Table:
         """One row per populated cell: inputs, effective weight (median ``sum_w`` over the
@@ -455,7 +396,7 @@ class PatchView:
             rows.append((cx, cy, s["gen"], s["group"], len(c), s["n_fallback"], w, v,
                          ixx, iyy, ixy, bool(flag), shp["fwhm"], shp["e1"], shp["e2"],
                          shp["e"], limiting_magnitude(v, s["psf"]), float(ra), float(dec),
-                         float(c["folded_at"].max()) if len(c) else float("nan")))
+                         max(r.folded_at for r in c) if c else float("nan")))
         names = [n for n, _ in SUMMARY_COLUMNS]
         t = Table(rows=rows, names=names, dtype=[d for _, d in SUMMARY_COLUMNS]) if rows \
             else Table(names=names, dtype=[d for _, d in SUMMARY_COLUMNS])
@@ -487,20 +428,9 @@ class PatchView:
         return out
 
     def _count_inputs(self, cx: int, cy: int, gen: int) -> int:
-        for _ in range(READ_RETRIES):
-            path = self.directory / f"c{cx}-{cy}.g{gen}.h5"
-            try:
-                with h5py.File(path, "r", locking=False) as f:
-                    _check_version(path, f.attrs)
-                    group = _decode(f.attrs["active_group"])
-                    return len(f[group]["contributors"]) if group in f else 0
-            except FileNotFoundError:
-                m = self._state.store.read_manifest(self.id, self.band) or {"cells": {}}
-                gen = m["cells"].get(f"{cx}-{cy}")
-                if gen is None:
-                    return 0
-                time.sleep(0.005)
-        raise StateError(f"cannot read cell {cx},{cy} of {self.id} band {self.band}")
+        got = self._state.store.read_current(CellId(self.id, cx, cy), self.band, gen,
+                                             count_inputs)
+        return 0 if got is None else got[1]
 
     def weight_map(self) -> np.ndarray:
         """Effective weight per cell: median over the inner box of ``sum_w`` (1/nJy²), i.e.
@@ -528,12 +458,7 @@ class PatchView:
             s = self._read_summary(cx, cy, gen)
             if s is None or not len(s["contributors"]):
                 continue
-            arr = s["contributors"]
-            t = Table(arr)
-            for name in ("content_hash", "instrument", "physical_filter"):
-                t[name] = [_decode(v) for v in arr[name]]
-            t["fallback"] = t["fallback"].astype(bool)
-            t["psf_flag"] = t["psf_flag"].astype(bool)
+            t = contributors_table(s["contributors"])
             t.add_column(cx, name="cell_x", index=0)
             t.add_column(cy, name="cell_y", index=1)
             parts.append(t)
@@ -872,10 +797,8 @@ class State:
         for p, b in self.store.shard_keys():
             if b != band or patch not in (None, p):
                 continue
-            manifest = self.store.read_manifest(p, b) or {"cells": {}}
-            for key in manifest["cells"]:
-                x, y = (int(v) for v in key.split("-"))
-                out.append(CellId(p, x, y))
+            manifest = self.store.load_manifest(p, b)
+            out += [CellId(p, x, y) for x, y in (manifest.cells if manifest else ())]
         return sorted(out)
 
     def cell(self, cell: CellId, band: str) -> CellCoadd | None:

@@ -8,6 +8,9 @@ Layout (``docs/state-format.md`` is the reference)::
     STATE/shards/t{T}/p{X}-{Y}/{band}/manifest.json       the shard's commit point
     STATE/shards/t{T}/p{X}-{Y}/{band}/c{CX}-{CY}.g{G}.h5  one cell generation
 
+(names and versions: :mod:`streamcoadd.store.format`; a migrated state's shard root is
+the one its ``state.json`` names.)
+
 Commit protocol for one shard (one writer per shard): write each changed cell as a new
 generation file (tmp, fsync, rename); fsync the directory; replace ``manifest.json``
 atomically (tmp, fsync, rename, fsync dir) -- that rename is the commit point; then delete
@@ -21,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +40,9 @@ from streamcoadd.core.errors import (
 )
 from streamcoadd.core.fold import CellAccumulator
 from streamcoadd.core.skymap import CellId, PatchId, SkyMap, skymap_from_dict
+from streamcoadd.store import format as fmt
 from streamcoadd.store.cellfile import (
+    encoded_contributors,
     read_cell_file,
     write_cell_file,
     write_cells_parallel,
@@ -50,10 +55,10 @@ from streamcoadd.store.durable import (
 )
 from streamcoadd.store.ledger import Ledger
 
-STATE_FORMAT = "streamcoadd-state"
-STATE_VERSION = 1
-CELL_RE = re.compile(r"^c(\d+)-(\d+)\.g(\d+)\.h5$")
-READ_RETRIES = 50
+STATE_FORMAT = fmt.STATE_FORMAT
+STATE_VERSION = fmt.STATE_VERSION
+CELL_RE = fmt.CELL_RE
+READ_RETRIES = fmt.READ_RETRIES
 
 
 class StateLocked(UserError):
@@ -125,12 +130,14 @@ def _band_dirname(band: str) -> str:
 class StateStore:
     """A state directory opened for reading, or for writing by exactly one process."""
 
-    def __init__(self, root: Path, skymap: SkyMap, fold: FoldConfig, meta: dict,
+    def __init__(self, root: Path, skymap: SkyMap, fold: FoldConfig, meta: fmt.StateMeta,
                  write: bool, shard_locking: bool = False):
         self.root = root
         self.skymap = skymap
         self.fold = fold
         self.meta = meta
+        self.version = meta.version
+        self.shards_root = root / meta.shards
         self.write = write
         # shard_locking: a worker of a distributed run. No state lock and no ledger
         # writes; each shard commit happens under the shard's own lock, compare-and-swap.
@@ -140,7 +147,7 @@ class StateStore:
         self.bytes_written = 0  # cell files and manifests written by this process
         if write and not shard_locking:
             self._take_lock()
-        self.ledger = Ledger(root / "ledger.sqlite", write=write and not shard_locking)
+        self.ledger = Ledger(root / fmt.LEDGER, write=write and not shard_locking)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -150,34 +157,27 @@ class StateStore:
             raise UserError(f"{root}: a state already exists here; choose another directory")
         if root.exists() and any(root.iterdir()):
             raise UserError(f"{root}: directory is not empty; give a new or empty directory")
-        (root / "shards").mkdir(parents=True, exist_ok=True)
-        meta = {"format": STATE_FORMAT, "version": STATE_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "skymap": skymap.to_dict(), "fold": fold.to_dict()}
-        (root / "skymap.toml").write_text(skymap.to_toml())
-        Ledger(root / "ledger.sqlite", write=True).close()
-        write_atomic(root / "state.json", json.dumps(meta, indent=2).encode())
+        (root / fmt.SHARDS).mkdir(parents=True, exist_ok=True)
+        meta = fmt.StateMeta(version=STATE_VERSION,
+                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             skymap=skymap.to_dict(), fold=fold.to_dict())
+        (root / fmt.SKYMAP_TOML).write_text(skymap.to_toml())
+        Ledger(root / fmt.LEDGER, write=True).close()
+        write_atomic(root / fmt.STATE_JSON, meta.serialize())
         fsync_dir(root.parent if str(root.parent) else Path("."))
         return root
 
     @classmethod
     def open(cls, root: str | Path, write: bool = False,
-             shard_locking: bool = False) -> "StateStore":
+             shard_locking: bool = False) -> StateStore:
         root = Path(root)
-        try:
-            meta = json.loads((root / "state.json").read_text())
-        except FileNotFoundError:
-            raise StateError(f"{root}: no streamcoadd state here (no state.json); create one "
-                             "with 'streamcoadd init STATE --skymap SKYMAP.toml'") from None
-        except (json.JSONDecodeError, OSError) as e:
-            raise StateError(f"{root}/state.json is unreadable ({e}); restore it from backup") from None
-        if meta.get("format") != STATE_FORMAT:
-            raise StateError(f"{root}: state.json is not a streamcoadd state")
-        if meta.get("version") != STATE_VERSION:
-            raise StateError(f"{root}: state format version {meta.get('version')} is not "
-                             f"supported by this streamcoadd (needs {STATE_VERSION})")
-        skymap = skymap_from_dict(meta["skymap"], f"{root}/state.json")
-        fold = FoldConfig.from_dict(meta["fold"])
+        meta = read_state_meta(root)
+        if write and meta.version != STATE_VERSION:
+            raise StateError(f"{root}: state format version {meta.version} is read-only for "
+                             f"this streamcoadd (it writes version {STATE_VERSION}); convert it "
+                             f"first with 'streamcoadd migrate {root}'")
+        skymap = skymap_from_dict(meta.skymap, f"{root}/{fmt.STATE_JSON}")
+        fold = FoldConfig.from_dict(meta.fold)
         store = cls(root, skymap, fold, meta, write, shard_locking)
         if write and not shard_locking:
             store.recover()
@@ -196,7 +196,7 @@ class StateStore:
         self.close()
 
     def _take_lock(self) -> None:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / fmt.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -210,31 +210,74 @@ class StateStore:
 
     # ------------------------------------------------------------------ layout
     def shard_dir(self, patch: PatchId, band: str) -> Path:
-        return (self.root / "shards" / f"t{patch.tract}" / f"p{patch.x}-{patch.y}"
-                / _band_dirname(band))
+        _band_dirname(band)
+        return self.shards_root / fmt.shard_relpath(patch.tract, patch.x, patch.y, band)
 
     @staticmethod
     def cell_filename(cell: CellId, gen: int) -> str:
-        return f"c{cell.x}-{cell.y}.g{gen}.h5"
+        return fmt.cell_filename(cell.x, cell.y, gen)
+
+    def cell_path(self, cell: CellId, band: str, gen: int) -> Path:
+        """The file of generation ``gen`` of ``cell`` in ``band``."""
+        return self.shard_dir(cell.patch, band) / fmt.cell_filename(cell.x, cell.y, gen)
 
     def shard_keys(self) -> list[tuple[PatchId, str]]:
         """Every (patch, band) with a committed manifest."""
         out = []
-        for m in sorted((self.root / "shards").glob("t*/p*/*/manifest.json")):
-            band = m.parent.name
-            px, py = (int(v) for v in m.parent.parent.name[1:].split("-"))
-            tract = int(m.parent.parent.parent.name[1:])
+        for m in sorted(self.shards_root.glob(f"{fmt.SHARD_GLOB}/{fmt.MANIFEST}")):
+            tract, px, py, band = fmt.parse_shard_relpath(m.parent.parts[-3:])
             out.append((PatchId(tract, px, py), band))
         return out
 
-    def read_manifest(self, patch: PatchId, band: str) -> dict | None:
-        path = self.shard_dir(patch, band) / "manifest.json"
+    def load_manifest(self, patch: PatchId, band: str) -> fmt.Manifest | None:
+        """The committed manifest of a shard (None: the shard has never committed).
+        :class:`StateError` if it is unreadable or not of this state's version."""
+        path = self.shard_dir(patch, band) / fmt.MANIFEST
         try:
-            return json.loads(path.read_text())
+            m = fmt.Manifest.parse(path.read_bytes(), str(path))
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as e:
-            raise StateError(f"{path} is corrupt ({e}); run 'streamcoadd verify'") from None
+        except (fmt.FormatError, OSError) as e:
+            raise StateError(f"{e}; run 'streamcoadd verify'") from None
+        if m.version != self.version:
+            raise StateError(f"{path}: version {m.version} in a version {self.version} "
+                             "state; run 'streamcoadd verify'")
+        return m
+
+    def read_manifest(self, patch: PatchId, band: str) -> dict | None:
+        """Deprecated: the manifest as its JSON dict; use :meth:`load_manifest`."""
+        m = self.load_manifest(patch, band)
+        if m is None:
+            return None
+        import json  # (only for this transitional dict view)
+
+        return json.loads(m.serialize())
+
+    def read_current(self, cell: CellId, band: str, gen: int | None,
+                     read: Callable[[Path], object]) -> tuple[int, object] | None:
+        """``read(path)`` of the current generation of ``cell``, starting with ``gen``
+        (None: look it up). When a commit supersedes the generation between finding it
+        and reading it (``FileNotFoundError``), the manifest is read again and the new
+        generation read. Returns ``(generation, result)``, or None when the cell no
+        longer has any input. The one "retry when a newer commit replaced the file"
+        read of reader, finalize and verify."""
+        last = None
+        for _ in range(READ_RETRIES):
+            if gen is None:
+                m = self.load_manifest(cell.patch, band)
+                gen = None if m is None else m.generation(cell.x, cell.y)
+                if gen is None:
+                    if not self.shards_root.is_dir() or read_state_meta(self.root).shards \
+                            != self.meta.shards:
+                        raise StateError(f"{self.root}: the state was migrated while open; "
+                                         "open it again")
+                    return None
+            try:
+                return gen, read(self.cell_path(cell, band, gen))
+            except FileNotFoundError as e:  # superseded by a commit meanwhile: look again
+                last, gen = e, None
+                time.sleep(0.005)
+        raise StateError(f"cannot read {cell} band {band}: {last}")
 
     # ------------------------------------------------------------------ reading
     def read_cell(self, cell: CellId, band: str) -> tuple[CellAccumulator, dict] | None:
@@ -247,55 +290,43 @@ class StateStore:
             shard = self.shards[key]
             gen = shard.cell_gens.get((cell.x, cell.y))
             return shard.cells[cell], {"generation": gen}
-        last_error = None
-        for _ in range(READ_RETRIES):
-            manifest = self.read_manifest(cell.patch, band)
-            if manifest is None:
-                return None
-            gen = manifest["cells"].get(f"{cell.x}-{cell.y}")
-            if gen is None:
-                return None
-            path = self.shard_dir(cell.patch, band) / self.cell_filename(cell, gen)
-            try:
-                return read_cell_file(path)
-            except FileNotFoundError as e:  # superseded by a commit meanwhile: look again
-                last_error = e
-                time.sleep(0.01)
-        raise StateError(f"cannot read {cell} band {band}: {last_error}")
+        got = self.read_current(cell, band, None, read_cell_file)
+        return None if got is None else got[1]
 
     # ------------------------------------------------------------------ writing
     def recover(self) -> list[Path]:
         """Remove debris of interrupted commits: temporary files and cell generations
         that no manifest names. Safe because the manifest rename is the commit point."""
         removed = []
-        for d in sorted((self.root / "shards").glob("t*/p*/*")):
+        for d in sorted(self.shards_root.glob(fmt.SHARD_GLOB)):
             if not d.is_dir():
                 continue
             # Under the shard's lock: a distributed worker (shard-locking mode) of an
             # earlier run may still be committing this shard; its new generations are
             # not yet named by the manifest and must not be taken for debris.
             with _shard_lock(d):
-                for tmp in d.glob("*.tmp"):
+                for tmp in d.glob(f"*{fmt.TMP_SUFFIX}"):
                     tmp.unlink()
                     removed.append(tmp)
                     crash_point("debris-removed")
-                if (d / "manifest.json").exists():
-                    px, py = (int(v) for v in d.parent.name[1:].split("-"))
-                    patch = PatchId(int(d.parent.parent.name[1:]), px, py)
-                    removed += self._recover_shard(patch, d.name)
+                if (d / fmt.MANIFEST).exists():
+                    tract, px, py, band = fmt.parse_shard_relpath(d.parts[-3:])
+                    removed += self._recover_shard(PatchId(tract, px, py), band)
                 else:
-                    for f in d.glob("c*.h5"):
+                    for f in [f for f in d.iterdir() if fmt.CELL_RE.match(f.name)]:
                         f.unlink()
                         removed.append(f)
         return removed
 
     def _recover_shard(self, patch: PatchId, band: str) -> list[Path]:
         d = self.shard_dir(patch, band)
-        manifest = self.read_manifest(patch, band) or {"cells": {}}
-        live = {f"c{k}.g{g}.h5" for k, g in manifest["cells"].items()}
+        manifest = self.load_manifest(patch, band)
+        live = set() if manifest is None else {
+            fmt.cell_filename(x, y, g) for (x, y), g in manifest.cells.items()}
         removed = []
-        for f in [*d.glob("c*.h5"), *d.glob("*.tmp")]:
-            if f.name not in live:
+        for f in list(d.iterdir()):
+            if (fmt.CELL_RE.match(f.name) or f.name.endswith(fmt.TMP_SUFFIX)) \
+                    and f.name not in live:
                 f.unlink()
                 removed.append(f)
                 crash_point("debris-removed")
@@ -307,12 +338,11 @@ class StateStore:
         if shard is None:
             d = self.shard_dir(patch, band)
             shard = Shard(patch=patch, band=band, directory=d)
-            manifest = self.read_manifest(patch, band)
+            manifest = self.load_manifest(patch, band)
             if manifest is not None:
-                shard.commit = int(manifest["commit"])
-                shard.cell_gens = {tuple(int(v) for v in k.split("-")): int(g)
-                                   for k, g in manifest["cells"].items()}
-                shard.warps = {h: (int(v), int(d_)) for h, (v, d_) in manifest["warps"].items()}
+                shard.commit = manifest.commit
+                shard.cell_gens = dict(manifest.cells)
+                shard.warps = dict(manifest.warps)
             self.shards[key] = shard
         shard.last_used = time.monotonic()
         return shard
@@ -386,8 +416,8 @@ class StateStore:
         if not self.shard_locking:
             return self._write_shard(shard)
         with _shard_lock(shard.directory):
-            manifest = self.read_manifest(shard.patch, shard.band)
-            on_disk = int(manifest["commit"]) if manifest else 0
+            manifest = self.load_manifest(shard.patch, shard.band)
+            on_disk = manifest.commit if manifest else 0
             if on_disk != shard.commit:
                 raise ShardConflict(f"{shard.patch} band {shard.band}: committed by another "
                                     f"writer (commit {on_disk}, expected {shard.commit})")
@@ -400,7 +430,7 @@ class StateStore:
             write_cell_file(*job)
         self._finish_shard(shard, plan)
 
-    def _plan_shard(self, shard: Shard) -> "_ShardPlan":
+    def _plan_shard(self, shard: Shard) -> _ShardPlan:
         """The cell files a commit of ``shard`` writes (new generation ``commit + 1``)."""
         d = shard.directory
         makedirs_durable(d)  # a new shard's directory entry must survive a power cut
@@ -413,6 +443,8 @@ class StateStore:
             if key in plan.cell_gens:
                 plan.superseded.append(d / self.cell_filename(cell, plan.cell_gens[key]))
             if acc.groups:
+                for sums in acc.groups.values():  # (in this process: see cellfile)
+                    encoded_contributors(sums)
                 path = d / self.cell_filename(cell, gen)
                 plan.jobs.append((path, acc, shard.band, gen, tract.cell_inner_box(cell)))
                 plan.cell_gens[key] = gen
@@ -421,7 +453,7 @@ class StateStore:
                 plan.emptied.append(cell)
         return plan
 
-    def _finish_shard(self, shard: Shard, plan: "_ShardPlan") -> None:
+    def _finish_shard(self, shard: Shard, plan: _ShardPlan) -> None:
         """After the plan's cell files are durable: the manifest (the commit point), then
         the superseded generations go."""
         d = shard.directory
@@ -432,15 +464,11 @@ class StateStore:
         crash_point("cells-durable")
         warps = {h: v for h, v in {**shard.warps, **shard.pending_warps}.items()
                  if h not in shard.removed_warps}
-        manifest = {
-            "format": "streamcoadd-shard", "version": STATE_VERSION,
-            "tract": shard.patch.tract, "patch": [shard.patch.x, shard.patch.y],
-            "band": shard.band, "commit": plan.gen, "updated": time.time(),
-            "cells": {f"{x}-{y}": g for (x, y), g in sorted(plan.cell_gens.items())},
-            "warps": {h: list(v) for h, v in warps.items()},
-        }
-        blob = json.dumps(manifest).encode()
-        write_atomic(d / "manifest.json", blob, "manifest")
+        manifest = fmt.Manifest(
+            tract=shard.patch.tract, patch=(shard.patch.x, shard.patch.y), band=shard.band,
+            commit=plan.gen, updated=time.time(), cells=plan.cell_gens, warps=warps)
+        blob = manifest.serialize()
+        write_atomic(d / fmt.MANIFEST, blob, "manifest")
         self.bytes_written += len(blob)
         crash_point("manifest-committed")
         shard.commit, shard.cell_gens, shard.warps = plan.gen, plan.cell_gens, warps
@@ -462,3 +490,19 @@ class StateStore:
                 break
             for cell in [c for c in shard.cells if c not in shard.dirty]:
                 total -= shard.cells.pop(cell).nbytes
+
+
+def read_state_meta(root: str | Path) -> fmt.StateMeta:
+    """``state.json`` of the state at ``root``; :class:`StateError` with what to do."""
+    root = Path(root)
+    path = root / fmt.STATE_JSON
+    try:
+        return fmt.StateMeta.parse(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        raise StateError(f"{root}: no streamcoadd state here (no state.json); create one "
+                         "with 'streamcoadd init STATE --skymap SKYMAP.toml'") from None
+    except OSError as e:
+        raise StateError(f"{path} is unreadable ({e}); restore it from backup") from None
+    except fmt.FormatError as e:
+        raise StateError(f"{e}; restore state.json from a backup, or use the streamcoadd "
+                         "release that wrote it") from None
