@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import compare_cell, reference_coadd  # noqa: E402
+from reference import compare_cell, reference_coadd
 
-import streamcoadd  # noqa: E402
-from streamcoadd.core.coadd import coadd_cell  # noqa: E402
-from streamcoadd.core.config import FoldConfig  # noqa: E402
-from streamcoadd.core.errors import WarpRejected  # noqa: E402
-from streamcoadd.core.fold import (  # noqa: E402
+import streamcoadd
+from streamcoadd.core.coadd import coadd_cell
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.fold import (
     CellAccumulator,
     fold_cell,
     interpolate_bad_pixels,
@@ -33,10 +33,10 @@ from streamcoadd.core.fold import (  # noqa: E402
     shard_inputs,
     unfold_cell,
 )
-from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.core.skymap import load_skymap  # noqa: E402
-from streamcoadd.io.warp_reader import read_warp  # noqa: E402
-from streamcoadd.io.warp_writer import write_warp  # noqa: E402
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import load_skymap
+from streamcoadd.io.warp_reader import read_warp
+from streamcoadd.io.warp_writer import write_warp
 
 ROOT = Path(__file__).resolve().parent.parent
 SKYMAP = ROOT / "config" / "skymap-demo.toml"
@@ -210,9 +210,9 @@ def test_all_bad_header_weighted_warp_rejected(tmp_path):
 
 def test_header_weight_bounded(tmp_path):
     tract = load_skymap(SKYMAP).tract(0)
-    kw = dict(tract=tract, xy0=(0, 0), image=np.ones((50, 50), np.float32),
-              mask=np.zeros((50, 50), np.int32), variance=np.full((50, 50), 4.0, np.float32),
-              psf=np.pad([[1.0]], 3), visit=1, detector=0, band="r")
+    kw = {"tract": tract, "xy0": (0, 0), "image": np.ones((50, 50), np.float32),
+          "mask": np.zeros((50, 50), np.int32), "variance": np.full((50, 50), 4.0, np.float32),
+          "psf": np.pad([[1.0]], 3), "visit": 1, "detector": 0, "band": "r"}
     sm = load_skymap(SKYMAP)
     ok = write_warp(tmp_path / "ok.fits", weight=2.0, **kw)  # 8x 1/<var> = 0.25
     assert prepare_warp(read_warp(ok, sm), FOLD).warp.weight_override == 2.0
@@ -225,7 +225,8 @@ def test_header_weight_bounded(tmp_path):
 # ----------------------------------------------------------------------- through the CLI
 
 def cli(*args, ok=True, env=None):
-    r = subprocess.run([sys.executable, "-m", "streamcoadd", *map(str, args)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "streamcoadd", *map(str, args)], check=False,
+                       cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, **(env or {})})
     if ok:
         assert r.returncode == 0, r.stdout + r.stderr
