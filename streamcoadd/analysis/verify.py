@@ -11,7 +11,9 @@ a writer does when it opens the state). Checks, in order:
   and generation;
 * within each cell: every contributor's ``content_hash`` is one of the manifest's warps with
   the same (visit, detector); no (visit, detector) twice; ``psf_w`` equals the sum of the
-  contributor weights; sums are finite;
+  contributor weights; every sum is finite; the integer counts (state format 2) are
+  non-negative and ``n_full + n_partial`` is 0 exactly where ``sum_w`` is 0;
+* a migration's leftovers (a partly built or a replaced shard tree) are *benign* debris;
 * every manifest warp is in the ledger (a missing row after a crash is *benign*: the next
   ingest/watch of that file records it without folding it again); every ledger row with
   cells is in some manifest, with the number of cells the ledger says;
@@ -24,18 +26,18 @@ found, 1 otherwise.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-CELL_RE = re.compile(r"^c(\d+)-(\d+)\.g(\d+)\.h5$")
-HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+from streamcoadd.store import format as fmt
+from streamcoadd.store.cellfile import read_cell_file
+from streamcoadd.store.ledger import LedgerUnreadable, check_integrity
+
+CELL_RE = fmt.CELL_RE
 
 
 @dataclass
@@ -64,12 +66,10 @@ class _Checker:
 
     # ------------------------------------------------------------------ top level
     def run(self) -> list[Problem]:
-        from streamcoadd.store.state import STATE_FORMAT, STATE_VERSION
-
         root = self.root
-        sj = root / "state.json"
+        sj = root / fmt.STATE_JSON
         try:
-            meta = json.loads(sj.read_text())
+            meta = fmt.StateMeta.parse(sj.read_bytes(), str(sj))
         except FileNotFoundError:
             self.add("error", "no-state", root, "no state.json: this is not a streamcoadd state "
                      "(or state.json was deleted)",
@@ -77,20 +77,22 @@ class _Checker:
                      "create it again with 'streamcoadd init' in an empty directory and copy "
                      "shards/ and ledger.sqlite over")
             return self.problems
-        except (OSError, ValueError) as e:
-            self.add("error", "state-json-unreadable", sj, f"cannot parse: {e}",
-                     "restore state.json from a backup; it is written once at init "
+        except fmt.FormatError as e:
+            version = "version" in str(e) and "not a streamcoadd" not in str(e)
+            self.add("error", "state-version" if version else "state-json-unreadable", sj,
+                     str(e), "use the streamcoadd release that wrote this state" if version
+                     else "restore state.json from a backup; it is written once at init "
                      "(its skymap is also in skymap.toml)")
             return self.problems
-        if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
-            self.add("error", "state-version", sj, f"format {meta.get('format')!r} version "
-                     f"{meta.get('version')!r} is not {STATE_FORMAT!r} version {STATE_VERSION}",
-                     "use the streamcoadd release that wrote this state")
+        except OSError as e:
+            self.add("error", "state-json-unreadable", sj, f"cannot read: {e}",
+                     "restore state.json from a backup")
             return self.problems
+        self.meta = meta
         try:
             from streamcoadd.core.skymap import skymap_from_dict
 
-            self.skymap = skymap_from_dict(meta["skymap"], str(sj))
+            self.skymap = skymap_from_dict(meta.skymap, str(sj))
         except Exception as e:  # noqa: BLE001
             self.add("error", "state-json-unreadable", sj, f"bad skymap: {e}",
                      "restore state.json from a backup")
@@ -98,7 +100,11 @@ class _Checker:
         self.ledger = self.check_ledger()
         for tmp in root.glob("*.tmp"):
             self.debris(tmp, "temporary file of an interrupted atomic write")
-        shards_dir = root / "shards"
+        shards_dir = root / meta.shards
+        for old in {root / fmt.SHARDS, root / fmt.MIGRATION_DIR} - {shards_dir}:
+            if old.exists():
+                self.debris(old, "shard tree left by a migration (the state uses "
+                            f"{meta.shards}/)")
         if not shards_dir.is_dir():
             self.add("error", "no-shards", shards_dir, "the shards directory is missing",
                      "restore it from a backup; without it the state holds no cell")
@@ -111,7 +117,7 @@ class _Checker:
         self.uncertain: set[str] = set()
         self.manifest_unreadable = False
         self.manifest_warps: dict[str, tuple[int, int]] = {}
-        for d in sorted(p for p in shards_dir.glob("*/*/*") if p.is_dir()):
+        for d in sorted(p for p in shards_dir.glob(fmt.SHARD_GLOB) if p.is_dir()):
             self.check_shard(d)
         for tmp in shards_dir.rglob("*.tmp"):
             if tmp.parent.parent.parent.parent != shards_dir:  # not inside a shard dir
@@ -128,7 +134,7 @@ class _Checker:
 
     # ------------------------------------------------------------------ ledger
     def check_ledger(self) -> dict | None:
-        path = self.root / "ledger.sqlite"
+        path = self.root / fmt.LEDGER
         if not path.exists():
             self.add("error", "ledger-missing", path, "the ledger is missing",
                      "restore it from a backup, or rebuild it: create an empty state with "
@@ -137,27 +143,17 @@ class _Checker:
                      "what they hold and the ledger rows are written again)")
             return None
         try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-            try:
-                ok = db.execute("PRAGMA quick_check").fetchone()[0]
-                if ok != "ok":
-                    raise sqlite3.DatabaseError(ok)
-                rows = db.execute("SELECT content_hash, visit, detector, band, path, status, "
-                                  "n_cells FROM warps").fetchall()
-            finally:
-                db.close()
-        except sqlite3.Error as e:
+            return check_integrity(path)
+        except LedgerUnreadable as e:
             self.add("error", "ledger-corrupt", path, f"SQLite cannot read it: {e}",
                      "restore ledger.sqlite from a backup, or rebuild it as for a missing "
                      "ledger (the shard manifests are the truth; the ledger is a summary)")
             return None
-        return {r[0]: {"visit": r[1], "detector": r[2], "band": r[3], "path": r[4],
-                       "status": r[5], "n_cells": r[6]} for r in rows}
 
     def check_ledger_vs_shards(self) -> None:
         if self.ledger is None:
             return
-        lp = self.root / "ledger.sqlite"
+        lp = self.root / fmt.LEDGER
         for h, (v, d) in sorted(self.manifest_warps.items()):
             rec = self.ledger.get(h)
             if rec is None:
@@ -203,41 +199,26 @@ class _Checker:
 
     # ------------------------------------------------------------------ shards
     def check_shard(self, d: Path) -> None:
-        mpath = d / "manifest.json"
+        mpath = d / fmt.MANIFEST
         if not mpath.exists():
             for f in sorted(d.iterdir()):
                 if CELL_RE.match(f.name) or f.name.endswith(".tmp"):
                     self.debris(f, "file of a shard whose first commit was interrupted")
             return
         try:
-            m = json.loads(mpath.read_text())
-            cells, warps = m["cells"], m["warps"]
-            if m.get("format") != "streamcoadd-shard":
-                raise ValueError(f"format is {m.get('format')!r}, not 'streamcoadd-shard'")
-            if m.get("version") != 1:
-                raise ValueError(f"version {m.get('version')!r} is not 1")
-            tract, (px, py), band = int(m["tract"]), (int(v) for v in m["patch"]), m["band"]
-            if not isinstance(cells, dict) or not isinstance(warps, dict):
-                raise ValueError("'cells' and 'warps' must be objects")
-            gens = {}
-            for k, g in cells.items():
-                cx, cy = (int(v) for v in k.split("-"))
-                if not isinstance(g, int) or g < 1:
-                    raise ValueError(f"cell {k}: generation {g!r} is not a positive integer")
-                gens[(cx, cy)] = g
-            wmap = {}
-            for h, vd in warps.items():
-                if not HASH_RE.match(h) or len(vd) != 2:
-                    raise ValueError(f"warp entry {h!r}: {vd!r} is not sha256: [visit, detector]")
-                wmap[h] = (int(vd[0]), int(vd[1]))
-            commit = int(m["commit"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            m = fmt.Manifest.parse(mpath.read_bytes(), str(mpath))
+            if m.version != self.meta.version:
+                raise fmt.FormatError(f"version {m.version} in a version "
+                                      f"{self.meta.version} state")
+        except (OSError, fmt.FormatError) as e:
             self.add("error", "manifest-corrupt", mpath, f"cannot parse: {e}",
                      self._rebuild_action(d, None))
             self.manifest_unreadable = True
             return
+        tract, (px, py), band = m.tract, m.patch, m.band
+        gens, wmap, commit = dict(m.cells), dict(m.warps), m.commit
         expected = f"t{tract}/p{px}-{py}/{band}"
-        if str(d.relative_to(self.root / "shards")) != expected:
+        if str(d.relative_to(self.root / self.meta.shards)) != expected:
             self.add("error", "manifest-misplaced", mpath, f"describes shard {expected}",
                      "move the shard directory back where it belongs (or restore from backup)")
             return
@@ -256,7 +237,7 @@ class _Checker:
         live = set()
         in_cells: set[str] = set()
         for (cx, cy), g in sorted(gens.items()):
-            name = f"c{cx}-{cy}.g{g}.h5"
+            name = fmt.cell_filename(cx, cy, g)
             live.add(name)
             path = d / name
             if not (0 <= cx < n and 0 <= cy < n):
@@ -272,7 +253,7 @@ class _Checker:
             else:
                 self.uncertain |= set(wmap)
         for f in sorted(d.iterdir()):
-            if f.name in live or f.name in ("manifest.json", "shard.lock"):
+            if f.name in live or f.name in (fmt.MANIFEST, fmt.SHARD_LOCK):
                 continue
             if CELL_RE.match(f.name):
                 self.debris(f, "cell generation superseded or written by an interrupted commit")
@@ -280,8 +261,6 @@ class _Checker:
                 self.debris(f, "temporary file of an interrupted commit")
 
     def check_cell(self, path, d, wmap, tract, px, py, band, cx, cy, gen) -> set[str] | None:
-        from streamcoadd.store.cellfile import read_cell_file
-
         where = f"cell {cx}-{cy} of {d.relative_to(self.root)}"
         if not path.exists():
             self.add("error", "cell-missing", path, f"the manifest names it but it does not "
@@ -294,8 +273,11 @@ class _Checker:
             self.add("error", "cell-corrupt", path, f"unreadable or checksum mismatch: {msg}",
                      self._rebuild_action(d, wmap))
             return None
-        ident = (int(attrs["tract"]), tuple(int(v) for v in attrs["patch"]),
-                 tuple(int(v) for v in attrs["cell"]), str(attrs["band"]), int(attrs["generation"]))
+        ident = (attrs["tract"], tuple(attrs["patch"]), tuple(attrs["cell"]), attrs["band"],
+                 attrs["generation"])
+        if attrs["version"] not in fmt.CELL_VERSIONS_OF_STATE.get(self.meta.version, ()):
+            self.add("error", "cell-version", path, f"cell file version {attrs['version']} in "
+                     f"a version {self.meta.version} state", self._rebuild_action(d, wmap))
         if ident != (tract, (px, py), (cx, cy), band, gen):
             self.add("error", "cell-mislabelled", path, f"the file describes {ident}, the "
                      f"manifest expects {(tract, (px, py), (cx, cy), band, gen)}",
@@ -333,6 +315,9 @@ class _Checker:
                 self.add("error", "sums-inconsistent", path,
                          f"{where} group {gname}: sum_w outside [0, total weight]",
                          self._rebuild_action(d, wmap))
+            elif (bad := counts_problem(g)) is not None:
+                self.add("error", "counts-inconsistent", path, f"{where} group {gname}: {bad}",
+                         self._rebuild_action(d, wmap))
         for (v, det), k in seen_ids.items():
             if k > 1:
                 self.add("error", "duplicate-contributor", path,
@@ -344,7 +329,7 @@ class _Checker:
 
     def _rebuild_action(self, d: Path, wmap: dict | None) -> str:
         """How to rebuild one shard from its input warps."""
-        lp = self.root / "ledger.sqlite"
+        lp = self.root / fmt.LEDGER
         if wmap:
             files = []
             for h, (v, det) in sorted(wmap.items(), key=lambda kv: kv[1]):
@@ -361,6 +346,24 @@ class _Checker:
                 f"it from its input warps: stop any writer; mv {d} {d}.damaged; {forget}; "
                 f"streamcoadd ingest {self.root} {listing} (the other shards skip these warps, "
                 "this one folds them again); then run 'streamcoadd verify' again")
+
+
+def counts_problem(g) -> str | None:
+    """What is wrong with a group's integer counts (None: nothing). Counts are
+    non-negative, at most the number of inputs, and ``n_full + n_partial`` is 0 exactly
+    where ``sum_w`` is 0 (checked only for a group whose counts are complete)."""
+    n = len(g.contributors)
+    planes = [("n_partial", g.n_partial), ("n_interp", g.n_interp),
+              *((f"plane_counts/{k}", v) for k, v in g.plane_counts.items()),
+              *((f"bit_counts/{k}", v) for k, v in g.bit_counts.items())]
+    if not 0 <= g.n_full <= n:
+        return f"n_full {g.n_full} outside [0, {n} inputs]"
+    for name, arr in planes:
+        if arr is not None and arr.size and (arr.min() < 0 or arr.max() > n):
+            return f"{name} outside [0, {n} inputs]"
+    if g.counted and not np.array_equal(g.n_data == 0, g.sum_w == 0):
+        return "n_full + n_partial is 0 where sum_w is not, or the reverse"
+    return None
 
 
 def writer_pid(root: Path) -> int | None:
@@ -392,7 +395,7 @@ def repair(path) -> list[Path]:
 
     debris = [Path(p.path) for p in verify_state(path) if p.kind == "debris"]
     with StateStore.open(path, write=True):  # runs recover()
-        for tmp in Path(path).glob("*.tmp"):
+        for tmp in Path(path).glob(f"*{fmt.TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
     return [p for p in debris if not p.exists()]
 

@@ -138,3 +138,27 @@ class Ledger:
                 return False
 
         return _Tx()
+
+
+class LedgerUnreadable(Exception):
+    """SQLite cannot read the ledger, or its integrity check fails."""
+
+
+def check_integrity(path: Path) -> dict[str, dict]:
+    """Open the ledger read-only, run SQLite's ``quick_check`` and return every warp row
+    as ``{content_hash: {visit, detector, band, path, status, n_cells}}``. Raises
+    :class:`LedgerUnreadable` (with SQLite's message) when either fails."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            ok = db.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(ok)
+            rows = db.execute("SELECT content_hash, visit, detector, band, path, status, "
+                              "n_cells FROM warps").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise LedgerUnreadable(str(e)) from None
+    return {r[0]: {"visit": r[1], "detector": r[2], "band": r[3], "path": r[4],
+                   "status": r[5], "n_cells": r[6]} for r in rows}
