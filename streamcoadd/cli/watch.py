@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from streamcoadd.cli.options import add_dask_options
 from streamcoadd.core.errors import UserError
 from streamcoadd.pipeline import dask_executor
-from streamcoadd.service.daemon import (
-    EXIT_ERROR,
-    EXIT_LOCKED,
-    Daemon,
-    DaemonConfig,
-    load_config,
-    setup_logging,
-)
-from streamcoadd.service.daemon import log as daemon_log
+from streamcoadd.pipeline.ingest import Ingestor
+from streamcoadd.service.daemon import EXIT_ERROR, EXIT_LOCKED, Daemon, IngestorFactory
+from streamcoadd.service.logs import log as daemon_log
+from streamcoadd.service.logs import setup_logging
+from streamcoadd.service.settings import Settings, load_settings
 from streamcoadd.service.systemd import SdNotify
+from streamcoadd.store.state import StateLocked
+
+# options of `watch` that override a [daemon] setting of the same name
+DAEMON_OPTIONS = ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
+                  "until_idle", "idle_commit", "status_file", "metrics_file", "log_file",
+                  "on_stop", "delete_done", "on_write_error", "write_retry_initial",
+                  "write_retry_max")
 
 
-# ---------------------------------------------------------------------------- CLI
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``watch`` subcommand to the ``streamcoadd`` CLI."""
     p = subparsers.add_parser(
@@ -87,7 +88,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     """The daemon's exit status (docs/operations.md)."""
     if args.dask:
         return _watch_dask(args)
-    return handler(args)
+    return run_daemon(args)
 
 
 def _watch_dask(args: argparse.Namespace) -> int:
@@ -116,7 +117,7 @@ def _watch_dask(args: argparse.Namespace) -> int:
             log_failures=True, logger=daemon_log, heartbeat=notify.ping)
 
     try:
-        return handler(args, make_ingestor=make_ingestor)
+        return run_daemon(args, make_ingestor)
     finally:
         try:
             client.run(dask_executor.drop_worker_caches, str(Path(args.state).absolute()))
@@ -125,49 +126,32 @@ def _watch_dask(args: argparse.Namespace) -> int:
         dask_executor.close(client)
 
 
-def _run_config(run: dict, args):
-    from streamcoadd.core.config import RunConfig
-
-    rc = RunConfig.from_dict(run) if run else RunConfig()
-    over = {}
-    if getattr(args, "commit_every", None) is not None:
+def settings(args: argparse.Namespace) -> Settings:
+    """The settings file's [daemon] and [run] tables with the command line's options."""
+    daemon = {k: getattr(args, k) for k in DAEMON_OPTIONS if getattr(args, k, None) is not None}
+    if args.log_json:
+        daemon["log_format"] = "json"
+    run = {}
+    if args.commit_every is not None:
         if args.commit_every < 1:
             raise UserError("--commit-every must be >= 1")
-        over["commit_every"] = args.commit_every
-    if getattr(args, "commit_interval", None) is not None:
+        run["commit_every"] = args.commit_every
+    if args.commit_interval is not None:
         if args.commit_interval < 0:
             raise UserError("--commit-interval must be >= 0")
-        over["commit_interval"] = args.commit_interval
-    return replace(rc, **over) if over else rc
+        run["commit_interval"] = args.commit_interval
+    return load_settings(args.config, daemon, run)
 
 
-def build_config(args) -> tuple[DaemonConfig, object]:
-    cfg, run = load_config(getattr(args, "config", None))
-    for name in ("inbox", "done", "rejected", "poll", "stable_seconds", "reconcile_interval",
-                 "until_idle", "idle_commit", "status_file", "metrics_file", "log_file",
-                 "on_stop", "delete_done", "on_write_error", "write_retry_initial",
-                 "write_retry_max"):
-        v = getattr(args, name, None)
-        if v is not None:
-            setattr(cfg, name, v)
-    if getattr(args, "log_json", None):
-        cfg.log_format = "json"
-    cfg.validate()
-    return cfg, _run_config(run, args)
-
-
-def handler(args, make_ingestor=None) -> int:
+def run_daemon(args: argparse.Namespace, make_ingestor: IngestorFactory = Ingestor) -> int:
+    """Run the daemon until it stops; its exit status. Mistakes: one line, no traceback."""
     try:
-        cfg, rc = build_config(args)
-        setup_logging(cfg)
+        s = settings(args)
+        setup_logging(s.daemon.log_format, s.daemon.log_file, s.daemon.log_level)
     except UserError as e:
         print(f"streamcoadd watch: {e}", file=sys.stderr)
         return EXIT_ERROR
-    try:
-        from streamcoadd.store.state import StateLocked
-    except ImportError:  # pragma: no cover - before the core exists
-        StateLocked = ()
-    d = Daemon(Path(args.state), cfg, rc, make_ingestor=make_ingestor)
+    d = Daemon(Path(args.state), s, make_ingestor)
     try:
         return d.run()
     except StateLocked as e:
@@ -176,11 +160,3 @@ def handler(args, make_ingestor=None) -> int:
     except UserError as e:
         print(f"streamcoadd watch: {e}", file=sys.stderr)
         return EXIT_ERROR
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="streamcoadd")
-    sub = ap.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = ap.parse_args(argv)
-    return args.func(args)

@@ -72,12 +72,10 @@ class _Hints(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            self._inbox._event(event)
+            self._inbox.hint(event)
         except BaseException:  # noqa: BLE001 - an exception here would kill the observer
             try:
-                self._inbox.handler_errors += 1
-                log.exception("inbox event handler error (ignored; the reconcile scan covers it)")
-                self._inbox.request_rescan()
+                self._inbox.handler_failed()
             except BaseException:  # noqa: BLE001
                 pass
 
@@ -172,6 +170,19 @@ class Inbox:
         except Exception:  # noqa: BLE001
             return obs.is_alive()
 
+    def observer_status(self) -> dict:
+        """The ``observer`` block of the daemon's status file."""
+        return {"kind": self.observer_kind, "alive": self.observer_alive(),
+                "restarts": self.observer_restarts, "handler_errors": self.handler_errors,
+                "hints_dropped": self.hints_dropped, "scans": self.scans}
+
+    def handler_failed(self) -> None:
+        """The watchdog handler raised (called from the observer's thread): count it and
+        rescan (the reconcile scan covers whatever the event was)."""
+        self.handler_errors += 1
+        log.exception("inbox event handler error (ignored; the reconcile scan covers it)")
+        self.request_rescan()
+
     def ensure_alive(self) -> bool:
         """Restart the observer if its thread (or an emitter) died. Returns True if it was
         restarted. Missed events are covered by a full rescan."""
@@ -208,7 +219,8 @@ class Inbox:
                 pass
 
     # ------------------------------------------------------------------ hints (observer thread)
-    def _event(self, event: FileSystemEvent) -> None:
+    def hint(self, event: FileSystemEvent) -> None:
+        """A watchdog event (observer thread): note the file's name as a hint."""
         if event.is_directory:
             return
         etype = event.event_type
