@@ -126,9 +126,9 @@ def cmd_finalize_rubin(args: argparse.Namespace) -> int:
         print("streamcoadd: error: --cell writes the FITS cells file only; a CellCoadd "
               "holds a whole patch (drop --cell, or use --format fits)", file=sys.stderr)
         return EXIT_USAGE
-    require_lsst()
     if args.butler:
         require_butler()
+    require_lsst()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
