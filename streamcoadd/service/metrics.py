@@ -1,11 +1,23 @@
 """Prometheus text-file export of the daemon's status (for node_exporter's textfile
-collector): point ``--metrics-file`` at ``/var/lib/node_exporter/textfile/streamcoadd.prom``."""
+collector): point ``--metrics-file`` at ``/var/lib/node_exporter/textfile/streamcoadd.prom``.
+Every metric is documented in ``docs/operations.md`` ("Metrics")."""
 
 from __future__ import annotations
 
 
 def prometheus_text(status: dict) -> str:
-    """Render the daemon status dict (see ``Daemon.status``) as Prometheus text format."""
+    """Render the daemon status dict (see ``Daemon.status``) as Prometheus text format.
+
+    Parameters
+    ----------
+    status : dict
+        The status file's content.
+
+    Returns
+    -------
+    str
+        ``# HELP`` / ``# TYPE`` lines and one sample per line, labelled ``state_dir``.
+    """
     labels = f'state_dir="{status.get("state_dir", "")}"'
     lines = []
 
@@ -45,8 +57,27 @@ def prometheus_text(status: dict) -> str:
            [('reason="write_error"', 1 if paused else 0)])
     metric("paused_seconds", "gauge", "Seconds the current pause has lasted (0 if none).",
            [("", paused.get("paused_s", 0))])
+    _throughput(metric, status.get("throughput", {}) or {})
     metric("up", "gauge", "1 while the daemon runs.",
            [("", 1 if status.get("state") not in ("stopped", "failed") else 0)])
     metric("uptime_seconds", "gauge", "Seconds since the daemon started.",
            [("", status.get("uptime_s", 0))])
     return "\n".join(lines) + "\n"
+
+
+def _throughput(metric, t: dict) -> None:
+    """Steady-state throughput over the sliding windows (``window="60s"`` / ``"32warps"``)."""
+    tw, ww = t.get("time_window"), t.get("warp_window")
+    if not (tw and ww):
+        return
+    labels = (f'window="{tw["seconds"]:g}s"', f'window="{ww["size"]}warps"')
+    metric("throughput_warps_per_second", "gauge",
+           "Folded warps made durable per second over the sliding window.",
+           [(lab, w["warps_per_s"]) for lab, w in zip(labels, (tw, ww))])
+    metric("throughput_input_mpix_per_second", "gauge",
+           "Input pixels (warp IMAGE planes) folded and made durable, Mpix per second, "
+           "over the sliding window.",
+           [(lab, w["input_mpix_per_s"]) for lab, w in zip(labels, (tw, ww))])
+    metric("input_mpix_total", "counter",
+           "Input pixels of the folded warps made durable since the daemon started, Mpix.",
+           [("", t.get("input_mpix_total", 0.0))])
