@@ -97,14 +97,13 @@ def new_state(path: Path, skymap_path: Path) -> Path:
 
 
 def run_single(state: Path, files, rc) -> float:
-    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.pipeline.ingest import LocalIngestor
     from streamcoadd.store.state import StateStore
 
     t0 = time.perf_counter()
-    with StateStore.open(state, write=True) as store:
-        ing = Ingestor(store, rc)
-        for f in files:
-            ing.submit(f)
+    with StateStore.open(state, write=True) as store, LocalIngestor(store, rc) as ing:
+        for i, f in enumerate(files):  # as 'streamcoadd ingest': the next file prefetched
+            ing.submit(f, then=files[i + 1] if i + 1 < len(files) else None)
             if ing.needs_commit():
                 ing.commit()
         ing.commit()
@@ -119,17 +118,19 @@ def _cpu_seconds() -> float:
 
 
 def run_dask(state: Path, files, rc, client, batch) -> tuple[float, dict]:
-    from streamcoadd.pipeline.dask_executor import ingest_distributed
+    from dataclasses import asdict
+
+    from streamcoadd.pipeline.dask_executor import run_distributed
 
     cpu0 = sum(client.run(_cpu_seconds).values()) + _cpu_seconds()
     t0 = time.perf_counter()
-    out = ingest_distributed(state, files, client=client, run_config=rc, batch=batch)
+    run = run_distributed(state, files, client=client, run_config=rc, batch=batch)
     dt = time.perf_counter() - t0
     cpu = sum(client.run(_cpu_seconds).values()) + _cpu_seconds() - cpu0
-    bad = [o for o in out if o.status not in ("folded", "no_cells")]
+    bad = [o for o in run.outcomes if o.status not in ("folded", "no_cells")]
     if bad:
         raise SystemExit(f"unexpected outcomes: {[(o.path, o.status, o.reason) for o in bad]}")
-    stats = dict(ingest_distributed.last_stats)
+    stats = asdict(run.stats)
     stats["workers"] = len(stats["workers"])
     stats["cpu_seconds"] = cpu  # workers + coordinator (incl. the LocalCluster scheduler)
     return dt, stats
@@ -140,12 +141,10 @@ def calibrate(state: Path, files) -> dict:
     q = coordinator per warp (read + sha256 + header probe), R = read + validate + prepare
     one warp on a worker, f = fold one warp into one cell, c = commit one cell generation
     (HDF5 write, fsync, rename; per shard also manifest and directory fsyncs)."""
-    from streamcoadd.core.fold import prepare_warp
     from streamcoadd.core.warp import file_hash
-    from streamcoadd.io.warp_reader import read_bytes as read_bytes
-    from streamcoadd.io.warp_reader import read_warp
-    from streamcoadd.pipeline.dask_executor import _contributing_patches, _probe
-    from streamcoadd.pipeline.ingest import fold_into_shard, shard_inputs
+    from streamcoadd.io.warp_reader import read_bytes
+    from streamcoadd.pipeline.fold_step import fold_into_shard
+    from streamcoadd.pipeline.source import contributing_patches, load_warp, probe_warp
     from streamcoadd.store.state import StateStore
 
     q = R = f = c = 0.0
@@ -156,22 +155,22 @@ def calibrate(state: Path, files) -> dict:
             t0 = time.perf_counter()
             data = read_bytes(str(path))
             h = file_hash(data)
-            p = _probe(str(path), data, store)
+            p = probe_warp(str(path), data, store.skymap, fold)
             tract = store.skymap.tract(p.warp_id.tract)
-            patches = _contributing_patches(tract, p.box, fold)
+            patches = contributing_patches(tract, p.box, fold)
             t1 = time.perf_counter()
-            warp = read_warp(str(path), store.skymap, fold.bad_planes, fold.noise_realizations,
-                             data=data)
-            pw = prepare_warp(warp, fold)
+            routed = load_warp(str(path), store.skymap, fold, expect_hash=h, patches=patches)
+            pw = routed.prepared.with_products()
             t2 = time.perf_counter()
             for patch in patches:
                 shard = store.shard(patch, p.band)
                 if h not in shard.warps:
-                    cells += fold_into_shard(store, shard, shard_inputs(pw, tract, patch, fold), pw)
+                    cells += fold_into_shard(store, shard, routed.inputs[patch], pw)
             t3 = time.perf_counter()
             q, R, f = q + t1 - t0, R + t2 - t1, f + t3 - t2
             shards += len(patches)
-        dirty = sum(len(sh.dirty) for sh in store.shards.values())
+        dirty = sum(len(store.shard(pt, b).dirty) for pt, b in
+                    {(pt, "r") for pt in store.skymap.tract(0).patches()})
         t0 = time.perf_counter()
         store.commit()
         c = (time.perf_counter() - t0) / max(dirty, 1)

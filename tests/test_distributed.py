@@ -21,14 +21,14 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from streamcoadd.core.config import FoldConfig  # noqa: E402
+from streamcoadd.core.config import FoldConfig, RunConfig  # noqa: E402
 from streamcoadd.core.errors import UserError  # noqa: E402
 from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
 from streamcoadd.core.skymap import CellId, PatchId, load_skymap  # noqa: E402
 from streamcoadd.core.warp import file_hash  # noqa: E402
 from streamcoadd.io.warp_writer import write_warp  # noqa: E402
 from streamcoadd.pipeline import dask_executor as D  # noqa: E402
-from streamcoadd.pipeline.ingest import Ingestor  # noqa: E402
+from streamcoadd.pipeline.ingest import LocalIngestor as Ingestor  # noqa: E402
 from streamcoadd.store.state import StateStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,19 +209,20 @@ def test_same_as_single_process(client, warps, reference, tmp_path):
                           "i3": "folded", "nan": "rejected", "a4copy": "duplicate",
                           "b4other": "rejected", "trunc": "rejected"}
     state = new_state(tmp_path / "state")
-    outcomes = D.ingest_distributed(state, [warps[k] for k in ORDER], client=client, batch=2)
+    run = D.run_distributed(state, [warps[k] for k in ORDER], client=client, batch=2)
+    outcomes = run.outcomes
     status = {Path(o.path).stem: o.status for o in outcomes}
     assert status == ref_status
     assert len(outcomes) == len(ORDER)
     n = assert_same_state(ref, state)
     assert n > 100
-    stats = D.ingest_distributed.last_stats
-    assert len(stats["workers"]) == 2  # both workers folded
+    stats = run.stats
+    assert len(stats.workers) == 2  # both workers folded
     # tasks grouping several shards, several commits per shard (batch=2), never two
     # tasks on one shard at once: no compare-and-swap conflict
-    assert stats["tasks"] >= 2 and stats["shard_commits"] > stats["tasks"]
-    assert stats["shard_commits"] > 10 and stats["conflict_retries"] == 0
-    assert stats["warps_read"] <= 2 * 9  # 9 warps sent to workers, each read at most twice
+    assert stats.tasks >= 2 and stats.shard_commits > stats.tasks
+    assert stats.shard_commits > 10 and stats.conflict_retries == 0
+    assert stats.warps_read <= 2 * 9  # 9 warps sent to workers, each read at most twice
     # a second run is a no-op: everything is a duplicate
     again = D.ingest_distributed(state, [warps[k] for k in ORDER[:6]], client=client)
     assert {o.status for o in again} == {"duplicate"}
@@ -432,3 +433,28 @@ def test_concurrent_copies_conflict_and_retry(warps, reference, tmp_path, monkey
         m = st.read_manifest(PatchId(0, 0, 0), "r")
         assert m["commit"] == 1 and set(m["warps"]) == {h for k, (_, h) in zip(names, items)
                                                         if k != "d4"}
+
+
+def test_in_batch_duplicate_waits_for_its_original(client, warps, tmp_path):
+    """The coordinator does not acknowledge a copy of an in-flight warp before the
+    original is durable in all its shards: pending at submit, duplicate at commit."""
+    from streamcoadd.pipeline.outcome import Ingestor, OutcomeStatus
+    from streamcoadd.store.state import StateStore
+
+    _ready(client)
+    state = new_state(tmp_path / "state")
+    with StateStore.open(state, write=True) as store:
+        ing = D.DistributedIngestor(store, RunConfig(commit_every=100), client)
+        assert isinstance(ing, Ingestor)
+        assert ing.submit(warps["a4"]).status == OutcomeStatus.PENDING
+        o = ing.submit(warps["a4copy"])
+        assert o.status == OutcomeStatus.PENDING and "same content as" in o.reason
+        assert ing.pending == 2 and store.ledger.get(o.content_hash) is None
+        done = {Path(x.path).stem: x.status for x in ing.commit()}
+        assert done == {"a4": "folded", "a4copy": "duplicate"}
+        assert ing.pending == 0 and not ing.take_failed()
+        assert ing.submit(warps["a4copy"]).status == OutcomeStatus.DUPLICATE
+        ing.close()
+    run = D.run_distributed(state, [warps["a4"], warps["b4"]], client=client)
+    assert [o.status for o in run.outcomes] == ["duplicate", "folded"]
+    assert run.stats.tasks >= 1 and len(run.stats.workers) >= 1

@@ -182,3 +182,101 @@ def test_contributor_rows_round_trip():
     back = contributors_from_array(contributors_to_array(rows))
     assert back == rows
     assert all(type(c.visit) is int and type(c.fallback) is bool for c in back)
+
+
+# ------------------------------------------------------------------ admission (issue 15)
+
+def _ingestor_state(tmp, name):
+    from streamcoadd.core.config import FoldConfig
+    from streamcoadd.store.state import StateStore
+
+    st = tmp / name
+    if st.exists():
+        shutil.rmtree(st)
+    StateStore.create(st, SKYMAP, FoldConfig())
+    return st
+
+
+def test_in_batch_duplicate_waits_for_its_original(tmp_path):
+    """A copy of a warp of the uncommitted batch is not acknowledged ('duplicate' means
+    durable) before its original's commit: ``submit`` says pending, ``commit`` duplicate."""
+    from warpgen import make_warp
+
+    from streamcoadd.pipeline.ingest import LocalIngestor
+    from streamcoadd.pipeline.outcome import Ingestor, OutcomeStatus
+    from streamcoadd.store.state import StateStore
+
+    a = make_warp(tmp_path / "a.fits", TRACT, visit=1, detector=0, xy0=(100, 100),
+                  shape=(150, 150))
+    copy = tmp_path / "copy.fits"
+    shutil.copy(a, copy)
+    st = _ingestor_state(tmp_path, "st")
+    with StateStore.open(st, write=True) as store, LocalIngestor(store) as ing:
+        assert isinstance(ing, Ingestor)
+        assert ing.submit(a).status == OutcomeStatus.PENDING
+        o = ing.submit(copy)
+        assert o.status == OutcomeStatus.PENDING and "same content as" in o.reason
+        assert ing.pending == 2
+        assert store.ledger.get(o.content_hash) is None  # nothing durable yet
+        done = {Path(x.path).name: x.status for x in ing.commit()}
+        assert done == {"a.fits": "folded", "copy.fits": "duplicate"}
+        assert ing.pending == 0
+        # once durable, a further copy is a duplicate at once
+        assert ing.submit(copy).status == OutcomeStatus.DUPLICATE
+
+
+_CRASHING_INGEST = """
+import sys
+from streamcoadd.core.config import RunConfig
+from streamcoadd.pipeline.ingest import LocalIngestor
+from streamcoadd.store.state import StateStore
+with StateStore.open(sys.argv[1], write=True) as store:
+    ing = LocalIngestor(store, RunConfig(commit_processes=1, prefetch=0))
+    print(ing.submit(sys.argv[2]).status, flush=True)
+    ing.commit()
+"""
+
+
+def test_identity_held_by_a_half_committed_warp(tmp_path):
+    """kill -9 after the first of a warp's two shard commits, before its ledger row: a
+    different file with the same (visit, detector) that feeds only the other shard is
+    refused until the first is replayed; the replay completes it in both shards."""
+    import os
+    import subprocess
+
+    from warpgen import make_warp
+
+    from streamcoadd.core.skymap import PatchId
+    from streamcoadd.pipeline.ingest import LocalIngestor
+    from streamcoadd.pipeline.outcome import OutcomeStatus
+    from streamcoadd.store.state import StateStore
+
+    # A feeds patches (0,0) and (1,0); B (same identity, other content) only (1,0)
+    a = make_warp(tmp_path / "a.fits", TRACT, visit=5, detector=3, xy0=(150, 100),
+                  shape=(150, 300), coverage="full")
+    b = make_warp(tmp_path / "b.fits", TRACT, visit=5, detector=3, xy0=(420, 100),
+                  shape=(150, 150), coverage="full", seed=77)
+    st = _ingestor_state(tmp_path, "st")
+    env = dict(os.environ, STREAMCOADD_CRASH_AT="manifest-committed:1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", _CRASHING_INGEST, str(st), str(a)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    with StateStore.open(st, write=True) as store:
+        held = [pt for pt, band in store.shard_keys()
+                if (store.read_manifest(pt, band) or {}).get("warps")]
+        assert len(held) == 1  # one shard committed A, the other not; no ledger row
+        assert not store.ledger.warps()
+        with LocalIngestor(store) as ing:
+            ob = ing.submit(b)
+            assert ob.status == OutcomeStatus.REJECTED, ob
+            assert "deliver that file again first" in ob.reason
+            oa = ing.submit(a)
+            assert oa.status == OutcomeStatus.PENDING
+            assert [o.status for o in ing.commit()] == [OutcomeStatus.FOLDED]
+        m = {pt: set((store.read_manifest(pt, "r") or {}).get("warps", {}))
+             for pt in (PatchId(0, 0, 0), PatchId(0, 1, 0))}
+        assert m[PatchId(0, 0, 0)] == m[PatchId(0, 1, 0)] == {oa.content_hash}
+        # and B stays refused, now by the ledger
+        with LocalIngestor(store) as ing:
+            assert ing.submit(b).status == OutcomeStatus.REJECTED
