@@ -196,17 +196,7 @@ class StateStore:
         self.close()
 
     def _take_lock(self) -> None:
-        fd = os.open(self.root / fmt.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StateLocked(f"{self.root}: state is in use by {holder}; only one writer "
-                              "(watch or ingest) may run on a state at a time") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = take_writer_lock(self.root)
 
     # ------------------------------------------------------------------ layout
     def shard_dir(self, patch: PatchId, band: str) -> Path:
@@ -506,3 +496,23 @@ def read_state_meta(root: str | Path) -> fmt.StateMeta:
     except fmt.FormatError as e:
         raise StateError(f"{e}; restore state.json from a backup, or use the streamcoadd "
                          "release that wrote it") from None
+
+
+def take_writer_lock(root: Path) -> int:
+    """Take the state's single-writer lock (``flock`` on ``STATE/lock``, which then holds
+    ``pid N``); returns its file descriptor. :class:`StateLocked` if a writer holds it."""
+    fd = os.open(Path(root) / fmt.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StateLocked(f"{root}: state is in use by {holder}; only one writer "
+                          "(watch, ingest or migrate) may run on a state at a time") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_writer_lock(fd: int) -> None:
+    os.close(fd)
