@@ -6,7 +6,9 @@
 2. create a state and start the daemon (``streamcoadd watch``) on an inbox;
 3. deliver the warps into the inbox one by one while the daemon runs (write ``.tmp``,
    rename), then re-deliver one (a duplicate) and a broken file (rejected with a reason);
-4. when the daemon is idle it exits; finalize the coadds to FITS and draw a quick look.
+4. when the daemon is idle it exits; finalize the coadds to FITS and draw a quick look;
+5. finalize to Rubin ``CellCoadd`` files and a data butler, and open one with lsst-images
+   (skipped with one line where lsst-images is not installed).
 
 Everything goes to ``demo-output/`` (or ``--out``); run it again to start afresh.
 """
@@ -34,6 +36,28 @@ def deliver(src: Path, inbox: Path) -> None:
     tmp = inbox / (src.name + ".tmp")
     shutil.copyfile(src, tmp)
     tmp.rename(inbox / src.name)
+
+
+def open_in_rubin_tools(state: Path, out: Path) -> list[Path]:
+    """finalize --format lsst-images --butler, then open one Rubin CellCoadd with
+    lsst-images' own reader; one line and on when lsst is not installed."""
+    sys.path.insert(0, str(ROOT))
+    from streamcoadd.core.errors import UserError
+    from streamcoadd.io.lsst_images import require_lsst, summary_line
+
+    try:
+        require_lsst()
+    except UserError as e:
+        print(f"Rubin CellCoadd skipped: {e}", flush=True)
+        return []
+    shutil.rmtree(out / "cellcoadds", ignore_errors=True)
+    shutil.rmtree(out / "butler", ignore_errors=True)
+    sc("finalize", state, "--out", out / "cellcoadds", "--format", "lsst-images",
+       "--butler", out / "butler")
+    files = sorted((out / "cellcoadds").glob("*_cellcoadd.fits"))
+    if files:
+        print("CellCoadd.read: " + summary_line(files[0]), flush=True)
+    return [*files, out / "butler"]
 
 
 def main() -> int:
@@ -77,6 +101,7 @@ def main() -> int:
 
     sc("status", state)
     sc("finalize", state, "--out", out / "coadds")
+    cellcoadds = open_in_rubin_tools(state, out)
     looks = []
     for patch in ("0,0", "1,0", "0,1", "1,1"):
         png = out / f"quicklook_{patch.replace(',', '-')}.png"
@@ -92,6 +117,8 @@ def main() -> int:
         print(f"rejected {reason.stem}: {reason.read_text().strip()}")
     print("\nOutputs:")
     for f in sorted((out / "coadds").glob("*.fits")):
+        print(f"  {f}")
+    for f in cellcoadds:
         print(f"  {f}")
     for f in looks:
         print(f"  {f}")
