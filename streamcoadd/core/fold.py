@@ -149,7 +149,8 @@ def prepare_warp(warp: Warp, config: FoldConfig, consume: bool = False,
     if valid.any() and bad.sum() == valid.sum():
         raise WarpRejected(warp.path, "every valid pixel is under a bad mask plane ("
                            f"{', '.join(config.bad_planes)}): there is nothing to interpolate "
-                           "them from; mark the warp's unusable pixels NO_DATA or drop it")
+                           "them from nor to check the weight against; mark the warp's unusable "
+                           "pixels NO_DATA or drop it")
     if check_weight and warp.weight_override is not None:
         check_header_weight(warp, config)
     if weight is None:
