@@ -33,23 +33,52 @@ TRACT = SKYMAP.tract(0)
 DOC = ROOT / "docs" / "state-format.md"
 
 
-def plane(ds) -> np.ndarray:
-    """Decode a plane following the 'Plane encodings' table of the document."""
-    enc = ds.attrs.get("encoding", "dense")
-    if isinstance(enc, bytes):
-        enc = enc.decode()
-    if enc == "dense":
-        return ds[()]
-    shape = tuple(int(v) for v in ds.attrs["shape"])
-    if enc == "constant":
-        assert ds.shape == ()
-        return np.full(shape, ds[()])
-    assert enc == "sparse", enc
-    table = ds[()]
-    assert table.dtype.names == ("index", "value")
-    out = np.zeros(shape, table.dtype["value"])
-    out.flat[table["index"]] = table["value"]
-    return out
+class Cell:
+    """A version-3 cell file decoded following the document's tables only."""
+
+    def __init__(self, h: h5py.File):
+        self.h = h
+        blob, _, crc = h["header"][()].tobytes().rpartition(b"\n")
+        assert zlib.crc32(blob) == int(crc, 16)
+        self.header = json.loads(blob)
+        assert not h.attrs and all(not h[k].attrs for k in h), "version 3 has no attributes"
+        for name, want in self.header["crc32"].items():
+            assert zlib.crc32(np.ascontiguousarray(h[name][()])) == want, name
+        ob = self.header["outer_box"]
+        self.shape = (ob[3] - ob[1], ob[2] - ob[0])
+        self.encodings = Counter()
+
+    def plane(self, group: str, name: str):
+        for i, (lname, kind, enc, arg) in enumerate(self.header["groups"][group]["layers"]):
+            if lname != name:
+                continue
+            self.encodings[enc] += 1
+            if enc == "dense":
+                return self.h[f"{group}.{kind}"][arg]
+            if enc == "constant":
+                return np.full(self.shape, arg, kind)
+            assert enc == "sparse", enc
+            rows = self.h[f"{group}.sparse"][()]
+            rows = rows[rows["layer"] == i]
+            out = np.zeros(self.shape, kind)
+            out.flat[rows["index"]] = rows["value"]
+            return out
+        return None
+
+    def sum_w(self, group: str) -> np.ndarray:
+        wp = self.plane(group, "w_partial")
+        return self.header["groups"][group]["w_full"] + (np.zeros(self.shape) if wp is None else wp)
+
+    def zero_or(self, group: str, name: str, dtype=np.float64) -> np.ndarray:
+        p = self.plane(group, name)
+        return np.zeros(self.shape, dtype) if p is None else p
+
+    def mask_or(self, group: str) -> np.ndarray:
+        out = np.zeros(self.shape, np.int64)
+        for lname, *_ in self.header["groups"][group]["layers"]:
+            if lname.startswith("bit_counts/"):
+                out |= (self.plane(group, lname) > 0).astype(np.int64) << int(lname[11:])
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +145,7 @@ def test_doc_exists_and_is_versioned():
 def test_state_json(built):
     st, *_ = built
     meta = json.loads((st / "state.json").read_text())
-    assert meta["format"] == "streamcoadd-state" and meta["version"] == 1
+    assert meta["format"] == "streamcoadd-state" and meta["version"] == 2
     assert meta["fold"]["noise_realizations"] == 1
     assert meta["skymap"]["cells"]["inner"] == SKYMAP.cells.inner
 
@@ -130,7 +159,7 @@ def test_every_cell_read_with_plain_h5py_matches_reference(built):
     encodings = Counter()
     hashes = {hashlib.sha256(Path(p).read_bytes()).hexdigest(): p for p in paths}
     for shard, man in _manifests(st).items():
-        assert man["format"] == "streamcoadd-shard" and man["version"] == 1
+        assert man["format"] == "streamcoadd-shard" and man["version"] == 2
         tract, (px, py), band = man["tract"], man["patch"], man["band"]
         assert shard.name == band and shard.parent.name == f"p{px}-{py}"
         for key, gen in man["cells"].items():
@@ -140,57 +169,58 @@ def test_every_cell_read_with_plain_h5py_matches_reference(built):
             rc = ref[(cid, band)]
             seen.add((cid, band))
             with h5py.File(f, "r", locking=False) as h:
-                a = h.attrs
-                assert a["format"] == "streamcoadd-cell" and int(a["version"]) == 2
-                assert int(a["tract"]) == tract and tuple(a["patch"]) == (px, py)
+                c = Cell(h)
+                a = c.header
+                assert a["format"] == "streamcoadd-cell" and a["version"] == 3
+                assert a["tract"] == tract and tuple(a["patch"]) == (px, py)
                 assert tuple(a["cell"]) == (cx, cy) and a["band"] == band
-                assert int(a["generation"]) == gen
+                assert a["generation"] == gen
                 ib, ob = _geometry_from_state_json(meta, (px, py), (cx, cy))
-                assert tuple(int(v) for v in a["inner_box"]) == ib
-                assert tuple(int(v) for v in a["outer_box"]) == ob
+                assert tuple(a["inner_box"]) == ib and tuple(a["outer_box"]) == ob
                 rb = rc.outer_box
                 assert ob == (rb.x0, rb.y0, rb.x1, rb.y1)
                 active = a["active_group"]
                 assert active == ("fallback" if rc.fallback else "good")
-                for gname in h:
-                    assert gname in ("good", "fallback"), gname
-                g = h[active]
+                assert set(a["groups"]) <= {"good", "fallback"}
+                g = a["groups"][active]
                 H, W = rc.outer_box.shape
-                for name in ("sum_w", "sum_wI", "sum_w2var", "sum_w_interp", "mask_or"):
-                    data = g[name][()]
-                    assert int(g[name].attrs["crc32"]) == zlib.crc32(np.ascontiguousarray(data))
-                    full = plane(g[name])
-                    want = np.int32 if name == "mask_or" else np.float64
-                    assert full.shape == (H, W) and full.dtype == want, name
-                    encodings[g[name].attrs.get("encoding", "dense")] += 1
-                assert g["noise"].shape == (K, H, W)
-                assert g["psf_sum"].shape == (P, P)
+                assert h[f"{active}.psf"].shape == (P, P)
+                assert g["n_noise"] == K
                 clean = (rc.sum_w > 0) & ~rc.interpolated
-                close_rel(plane(g["sum_w"]), rc.sum_w, 1e-10, f"{cid} sum_w")
-                close_rel(plane(g["sum_w_interp"]), rc.sum_w_interp, 1e-10, f"{cid} interp")
-                close_rel(plane(g["sum_wI"])[clean], rc.sum_wI[clean], 1e-10, f"{cid} sum_wI")
-                close_rel(plane(g["sum_w2var"])[clean], rc.sum_w2var[clean], 1e-10, f"{cid} w2var")
-                close_rel(g["noise"][0][clean], rc.noise_sums[0][clean], 1e-10, f"{cid} noise")
-                close_rel(g["psf_sum"][()], rc.psf_sum, 1e-10, f"{cid} psf_sum")
-                close_rel(float(g.attrs["psf_w"]), rc.psf_w, 1e-10, f"{cid} psf_w")
-                # the documented finalize formulas on raw datasets
+                sum_w = c.sum_w(active)
+                close_rel(sum_w, rc.sum_w, 1e-10, f"{cid} sum_w")
+                close_rel(c.zero_or(active, "interp"), rc.sum_w_interp, 1e-10, f"{cid} interp")
+                close_rel(c.plane(active, "sum_wI")[clean], rc.sum_wI[clean], 1e-10, f"{cid} wI")
+                close_rel(c.plane(active, "sum_w2var")[clean], rc.sum_w2var[clean], 1e-10,
+                          f"{cid} w2var")
+                close_rel(c.plane(active, "noise/0")[clean], rc.noise_sums[0][clean], 1e-10,
+                          f"{cid} noise")
+                psf_sum = h[f"{active}.psf"][()]
+                close_rel(psf_sum, rc.psf_sum, 1e-10, f"{cid} psf_sum")
+                close_rel(float(g["psf_w"]), rc.psf_w, 1e-10, f"{cid} psf_w")
+                # integer counts: inputs with data exactly where sum_w > 0
+                n_data = g["n_full"] + c.zero_or(active, "n_partial", np.int32)
+                assert g["counts"] == "exact"
+                assert np.array_equal(n_data > 0, rc.sum_w > 0), cid
+                assert np.array_equal(c.zero_or(active, "n_interp", np.int32) > 0,
+                                      rc.sum_w_interp > 0), cid
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    image = plane(g["sum_wI"]) / plane(g["sum_w"])
+                    image = c.plane(active, "sum_wI") / sum_w
                 close_rel(image[clean], rc.image[clean], 1e-6, f"{cid} image")
-                close_rel(g["psf_sum"][()] / g.attrs["psf_w"], rc.psf, 1e-6, f"{cid} psf")
-                mor = plane(g["mask_or"]).astype(np.int64)
+                close_rel(psf_sum / g["psf_w"], rc.psf, 1e-6, f"{cid} psf")
+                mor = c.mask_or(active)
                 assert np.array_equal(mor[rc.sum_w > 0], rc.mask_or[rc.sum_w > 0])
-                if "planes" in g and "SAT" in g["planes"]:
-                    close_rel(plane(g["planes"]["SAT"]), rc.rejected_weight["SAT"], 1e-10, "SAT")
+                sat = c.plane(active, "planes/SAT")
+                if sat is not None:
+                    close_rel(sat, rc.rejected_weight["SAT"], 1e-10, "SAT")
                 else:
                     assert not rc.rejected_weight["SAT"].any()
-                if "bit_counts" in g:
-                    rebuilt = np.zeros((H, W), np.int64)
-                    for bit, cnt in g["bit_counts"].items():
-                        rebuilt |= (plane(cnt) > 0).astype(np.int64) << int(bit)
-                    assert np.array_equal(rebuilt, mor), "mask_or != bits with count > 0"
-                con = g["contributors"][()]
+                encodings.update(c.encodings)
+                con = h[f"{active}.contributors"][()]
+                assert len(con) == g["n_contributors"]
                 assert sorted(zip(con["visit"].tolist(), con["detector"].tolist())) == rc.used
+                verts = h[f"{active}.footprints"][()]
+                assert verts.shape == (int(con["footprint_n"].sum()), 2)
                 for row in con:
                     hsh = row["content_hash"].decode()
                     assert hsh in hashes, "content_hash is the sha256 of the warp file"
@@ -200,16 +230,17 @@ def test_every_cell_read_with_plain_h5py_matches_reference(built):
                 for row in con:
                     r = byid[(int(row["visit"]), int(row["detector"]))]
                     assert abs(row["weight"] - r.weight) <= 1e-12 * r.weight
+                    assert 0.9 <= row["psf_sum"] <= 1.1
                 # the other group, if any, holds exactly the unused candidates
                 unused = sorted(set(ref.candidates[(cid, band)]) - set(rc.used))
                 other = "good" if active == "fallback" else "fallback"
                 if unused:
-                    oc = h[other]["contributors"][()]
+                    oc = h[f"{other}.contributors"][()]
                     assert sorted(zip(oc["visit"].tolist(), oc["detector"].tolist())) == unused
                 else:
-                    assert other not in h
+                    assert other not in a["groups"]
     assert seen == set(ref), "manifests must list exactly the populated cells"
-    assert set(encodings) == {"dense", "constant", "sparse"}, encodings
+    assert {"dense", "sparse"} <= set(encodings), encodings
     assert any(rc.fallback for rc in ref.values()), "fixture should have a fallback cell"
     assert any(set(ref.candidates[k]) != set(rc.used) for k, rc in ref.items()), \
         "fixture should have a cell whose fallback inputs are unused"
@@ -280,9 +311,10 @@ def test_open_state_agrees_with_h5py(built):
             f = st / "shards" / f"t{cid.patch.tract}" / f"p{cid.patch.x}-{cid.patch.y}" / band / \
                 f"c{cid.x}-{cid.y}.g{gen}.h5"
             with h5py.File(f, "r", locking=False) as h:
-                g = h[h.attrs["active_group"]]
-                assert np.array_equal(c.sums["sum_w"], plane(g["sum_w"]))
-                assert np.array_equal(c.sums["sum_wI"], plane(g["sum_wI"]))
+                cf = Cell(h)
+                active = cf.header["active_group"]
+                assert np.array_equal(c.sums["sum_w"], cf.sum_w(active))
+                assert np.array_equal(c.sums["sum_wI"], cf.plane(active, "sum_wI"))
             # the WCS of the cell maps outer-box pixel (0, 0) to tract pixel outer.x0, y0
             tw = TRACT.wcs()
             ra, dec = c.wcs.pixel_to_world_values(0, 0)
