@@ -137,8 +137,8 @@ def compare_with_reference(cells: dict, paths, tract):
         assert (core.maskfrac[~ref_cells[c].interpolated] == 0).all()
 
 
-# 6 examples by default (~15 s); EXACT_RETRACT_EXAMPLES=200 for a long campaign
-@settings(max_examples=int(os.environ.get("EXACT_RETRACT_EXAMPLES", "6")), deadline=None,
+# 4 examples by default (~10 s); EXACT_RETRACT_EXAMPLES=200 for a long campaign
+@settings(max_examples=int(os.environ.get("EXACT_RETRACT_EXAMPLES", "4")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 6), data=st.data())
 def test_random_folds_and_retractions_equal_reference(tmp_path_factory, seed, n, data):
@@ -253,18 +253,17 @@ def init(tmp_path, name, **fold):
 def test_cli_retractions_in_separate_processes_with_a_kill(tmp_path, seed, request):
     if seed > 1 and not request.config.getoption("--runslow"):
         pytest.skip("more seeds with --runslow")
-    paths = write_random_warps(tmp_path / "w", seed, 5)
+    paths = write_random_warps(tmp_path / "w", seed, 4)
     state = init(tmp_path, "s")
     cli("ingest", state, *paths, "--quiet")
     rng = np.random.default_rng(seed)
-    gone = [int(v) for v in rng.choice(np.arange(1, 6), 3, replace=False)]
+    gone = [int(v) for v in rng.choice(np.arange(1, 5), 2, replace=False)]
     cli("retract", state, "--visit", gone[0])
     # kill -9 in the middle of the second retraction's commit, then finish it
     r = cli("retract", state, "--visit", gone[1], ok=False,
             env={"STREAMCOADD_CRASH_AT": "cells-durable"})
     assert r.returncode == -9, r.stdout + r.stderr
     cli("retract", state, "--visit", gone[1])
-    cli("retract", state, "--visit", gone[2])
     compare_state_with_reference(state, [p for i, p in enumerate(paths, 1) if i not in gone])
 
 
