@@ -7,10 +7,15 @@ import argparse
 import time
 from pathlib import Path
 
-from streamcoadd.cli.options import add_dask_options, progress_bar, run_config, warp_files
+from streamcoadd.cli.options import (
+    add_dask_options,
+    progress_bar,
+    run_config,
+    warp_files,
+)
 from streamcoadd.core.errors import UserError
 from streamcoadd.pipeline import dask_executor
-from streamcoadd.pipeline.ingest import Ingestor, Outcome
+from streamcoadd.pipeline.ingest import LocalIngestor, Outcome
 from streamcoadd.store.state import StateStore
 
 
@@ -48,23 +53,23 @@ def _ingest_local(args: argparse.Namespace) -> int:
     rejected = []
     t0 = time.perf_counter()
     with StateStore.open(args.state, write=True) as store:
-        ing = Ingestor(store, run_config(args), allow_refold=args.allow_refold)
+        ing = LocalIngestor(store, run_config(args), allow_refold=args.allow_refold)
         bar = progress_bar(len(files), args.quiet)
         try:
             for i, f in enumerate(files):
                 # the next file is read and prepared on a second core while f folds
                 o = ing.submit(f, then=files[i + 1] if i + 1 < len(files) else None)
                 if o.status in ("duplicate", "rejected"):
-                    counts[o.status] += 1
+                    counts[str(o.status)] += 1
                 if o.status == "rejected":
                     rejected.append(o)
                 bar.update(1)
                 bar.set_postfix_str(f"{f.name}: {o.status}")
                 if ing.needs_commit():
                     for d in ing.commit():
-                        counts[d.status] += 1
+                        counts[str(d.status)] += 1
             for d in ing.commit():
-                counts[d.status] += 1
+                counts[str(d.status)] += 1
         finally:
             ing.close()
             bar.close()
@@ -88,45 +93,32 @@ def _ingest_dask(args: argparse.Namespace) -> int:
     bar = progress_bar(len(files), args.quiet)
 
     def progress(o: Outcome) -> None:
-        counts[o.status] = counts.get(o.status, 0) + 1
+        counts[str(o.status)] = counts.get(str(o.status), 0) + 1
         if o.status in ("rejected", "failed"):
             bad.append(o)
         bar.update(1)
         bar.set_postfix_str(f"{Path(o.path).name}: {o.status}")
 
     try:
-        result = dask_executor.ingest_distributed(
+        run = dask_executor.run_distributed(
             args.state, files, args.dask, rc, batch=args.dask_batch,
             retries=args.dask_retries, progress=progress, allow_refold=args.allow_refold)
     finally:
         bar.close()
     dt = time.perf_counter() - t0
-    workers, tasks = _dask_run_figures(result)
-    print(f"{len(files)} file(s) in {dt:.1f} s on Dask ({workers} "
-          f"worker process(es), {tasks} shard task(s)): {counts['folded']} "
+    print(f"{len(files)} file(s) in {dt:.1f} s on Dask ({len(run.stats.workers)} "
+          f"worker process(es), {run.stats.tasks} shard task(s)): {counts['folded']} "
           f"folded, {counts['no_cells']} valid but covering no cell, {counts['duplicate']} "
           f"already present, {counts['rejected']} rejected, {counts['failed']} failed")
     _print_grouped(bad)
     return 1 if bad else 0
 
 
-def _dask_run_figures(result) -> tuple[int, int]:
-    """(worker processes, shard tasks) of a finished ``ingest_distributed`` run."""
-    stats = getattr(result, "stats", None)
-    if stats is None:
-        # TRANSITION: until pipeline/dask_executor returns its frozen result record, the
-        # run's figures are on the function (the side channel issue 14 removes)
-        stats = vars(dask_executor.ingest_distributed).get("last_stats", {})
-    if isinstance(stats, dict):
-        return len(stats.get("workers", ())), int(stats.get("tasks", 0))
-    return len(stats.workers), int(stats.tasks)
-
-
 def _print_grouped(bad: list[Outcome]) -> None:
     """One line per (status, reason): the first three files of each group by name."""
     by_reason: dict[tuple[str, str], list[str]] = {}
     for o in bad:
-        by_reason.setdefault((o.status, o.reason), []).append(o.path)
+        by_reason.setdefault((str(o.status), o.reason), []).append(o.path)
     for (status, reason), paths in by_reason.items():
         if len(paths) == 1:
             print(f"  {status} {paths[0]}: {reason}")

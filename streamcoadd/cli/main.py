@@ -16,7 +16,17 @@ import sys
 import traceback
 
 from streamcoadd.analysis.reader import lower_priority_for, set_default_priority
-from streamcoadd.cli import finalize, ingest, init, plot, retract, simulate, status, verify, watch
+from streamcoadd.cli import (
+    finalize,
+    ingest,
+    init,
+    plot,
+    retract,
+    simulate,
+    status,
+    verify,
+    watch,
+)
 from streamcoadd.core.errors import NoWorkFound, UserError, write_error_message
 from streamcoadd.core.version import __version__
 from streamcoadd.pipeline.memory import retain_freed_memory

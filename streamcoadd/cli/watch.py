@@ -10,7 +10,7 @@ from pathlib import Path
 from streamcoadd.cli.options import add_dask_options
 from streamcoadd.core.errors import UserError
 from streamcoadd.pipeline import dask_executor
-from streamcoadd.pipeline.ingest import Ingestor
+from streamcoadd.pipeline.ingest import LocalIngestor
 from streamcoadd.service.daemon import EXIT_ERROR, EXIT_LOCKED, Daemon, IngestorFactory
 from streamcoadd.service.logs import log as daemon_log
 from streamcoadd.service.logs import setup_logging
@@ -143,7 +143,7 @@ def settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, daemon, run)
 
 
-def run_daemon(args: argparse.Namespace, make_ingestor: IngestorFactory = Ingestor) -> int:
+def run_daemon(args: argparse.Namespace, make_ingestor: IngestorFactory = LocalIngestor) -> int:
     """Run the daemon until it stops; its exit status. Mistakes: one line, no traceback."""
     try:
         s = settings(args)

@@ -32,23 +32,19 @@ import os
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from streamcoadd.core.config import RunConfig
-from streamcoadd.core.errors import WarpRejected
-from streamcoadd.service.inbox import Inbox, fingerprint
+from streamcoadd.service.batch import Batch, CommitResult, IngestorFactory
+from streamcoadd.service.inbox import Inbox
 from streamcoadd.service.logs import event, flush, log, utcnow
-from streamcoadd.service.pause import WritePause, is_write_error
+from streamcoadd.service.pause import WritePause
 from streamcoadd.service.quarantine import Quarantine
 from streamcoadd.service.settings import Settings
 from streamcoadd.service.signals import StopSignals
-from streamcoadd.service.stats import DaemonStats, WarpEvent, warp_pixels
+from streamcoadd.service.stats import DaemonStats
 from streamcoadd.service.status import StatusWriter
 from streamcoadd.service.systemd import SdNotify
-from streamcoadd.store import durable
 from streamcoadd.store.state import StateStore
 from streamcoadd.store.status_file import STATUS_VERSION, status_path
 
@@ -59,20 +55,15 @@ EXIT_LOCKED = 4  # another process holds the state's writer lock
 EXIT_SOFTWARE = 70  # internal error (a bug); pending warps stay in the inbox
 EXIT_TEMPFAIL = 75  # write error with on_write_error = "exit" (disk full, ...): retry later
 
-# make_ingestor(store, run_config) -> an object with the ingestor contract
-# (submit / commit / needs_commit / pending / close): the local one or Dask's coordinator
-IngestorFactory = Callable[[StateStore, RunConfig], object]
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """A file submitted and folded in memory, waiting for its commit."""
-
-    name: str
-    fp: tuple  # (dev, ino, size, mtime_ns) at submit
-    ms: float  # the ingestor's submit time, milliseconds
-    t_start: float  # monotonic s when it was taken
-    pixels: int  # input pixels (throughput)
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_LOCKED",
+    "EXIT_OK",
+    "EXIT_SOFTWARE",
+    "EXIT_TEMPFAIL",
+    "Daemon",
+    "IngestorFactory",
+]
 
 
 class Daemon:
@@ -95,12 +86,11 @@ class Daemon:
         self.pause = WritePause(self.state_dir, cfg.write_retry_initial, cfg.write_retry_max)
         self.notify = SdNotify()
         self.wake = threading.Event()
-        self.inflight: dict[str, InFlight] = {}  # by the path submitted
         self.started = utcnow()
         self.t0 = time.monotonic()
         self.state = "starting"
         self.store: StateStore | None = None
-        self.ing = None
+        self.batch: Batch | None = None
         self.inbox: Inbox | None = None
         self.quarantine: Quarantine | None = None
         self._last_take = 0.0
@@ -115,7 +105,6 @@ class Daemon:
             Quarantine.prepare_dirs(self.inbox_dir, self.done_dir, self.rejected_dir,
                                     self.cfg.delete_done)
             self.signals.install()
-            self.ing = self.make_ingestor(self.store, self.run_config)
             self.inbox = Inbox(self.inbox_dir, stable_seconds=self.cfg.stable_seconds,
                                poll=self.cfg.poll or None,
                                reconcile_interval=self.cfg.reconcile_interval,
@@ -124,6 +113,8 @@ class Daemon:
             self.quarantine = Quarantine(self.inbox, self.done_dir, self.rejected_dir,
                                          self.cfg.delete_done, self.state_dir, self.pause,
                                          self.stats)
+            self.batch = Batch(self.store, self.run_config, self.make_ingestor, self.inbox,
+                               self.quarantine, self.stats, self.pause)
             self.inbox.start()
             event(logging.INFO, "start", pid=os.getpid(), state=str(self.state_dir),
                   inbox=str(self.inbox_dir),
@@ -167,7 +158,7 @@ class Daemon:
         code = self._take(name)
         if code is not None or self.pause.requested:
             return code
-        if self.ing.needs_commit():
+        if self.batch.needs_commit():
             return self._commit("batch")
         self._write_status()
         return None
@@ -177,10 +168,10 @@ class Daemon:
         now = time.monotonic()
         until_idle = self.cfg.until_idle
         quiet = now - self._last_take >= self.cfg.idle_commit
-        if self.ing.pending and ((quiet and not self.inbox.has_waiting())
-                                 or self.ing.needs_commit()):
-            return self._commit("interval" if self.ing.needs_commit() else "idle")
-        busy = self.ing.pending or self.inbox.has_untaken() or self.inflight
+        if self.batch.pending and ((quiet and not self.inbox.has_waiting())
+                                 or self.batch.needs_commit()):
+            return self._commit("interval" if self.batch.needs_commit() else "idle")
+        busy = self.batch.pending or self.inbox.has_untaken() or self.batch.inflight
         if busy:
             self._idle_since = None
         elif self._idle_since is None:
@@ -206,7 +197,7 @@ class Daemon:
         nxt = self.inbox.next_check_in(now)
         if nxt is not None:
             timeout = min(timeout, nxt + 0.01)
-        if self.ing.pending:
+        if self.batch.pending:
             timeout = min(timeout, max(0.05, self._last_take + self.cfg.idle_commit - now))
         if self.cfg.until_idle and self._idle_since is not None:
             timeout = min(timeout, max(0.0, self._idle_since + self.cfg.until_idle - now) + 0.01)
@@ -226,169 +217,27 @@ class Daemon:
 
     # ---------------------------------------------------------------- one file
     def _take(self, name: str) -> int | None:
-        path = self.inbox_dir / name
         self._last_take = time.monotonic()
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            self.inbox.forget(name)
+        if self.batch.take(name, self._last_take):
             return None
-        fp = fingerprint(st)
-        if path.is_symlink():
-            target = Path(os.path.realpath(path))
-            if Path(os.path.realpath(self.inbox_dir)) not in target.parents:
-                self._reject(name, fp, f"symbolic link pointing out of the inbox (to {target}); "
-                                       "refused: deliver the file itself (write NAME.tmp, "
-                                       "rename)", None)
-                return None
-        nxt = self.inbox.peek_ready()  # read and prepared on a second core meanwhile
-        try:
-            o = self.ing.submit(path, then=self.inbox_dir / nxt if nxt else None)
-        except WarpRejected as e:  # contract: rejections are outcomes, but be lenient
-            self._reject(name, fp, e.reason, None)
-            return None
-        except FileNotFoundError:
-            self.inbox.forget(name)
-            return None
-        except Exception as e:  # noqa: BLE001
-            if is_write_error(e):
-                # e.g. the ledger could not record a rejection on a full disk: not the
-                # file's fault; it stays in the inbox and is looked at after the pause
-                self.inbox.release(name)
-                self.pause.request("submit", e, requeued=1)
-                return None
-            return self._internal_error(name, fp, e)
-        return self._submitted(name, path, fp, o)
-
-    def _submitted(self, name: str, path: Path, fp: tuple, o) -> int | None:
-        status = str(o.status)
-        if status == "pending":
-            self.inflight[str(path)] = InFlight(name, fp, o.ms, self._last_take,
-                                                warp_pixels(path))
-        elif status == "duplicate":
-            self.quarantine.finish(WarpEvent.of(name, o, "duplicate"), fp)
-        elif status == "rejected":
-            self._reject(name, fp, o.reason or "rejected (no reason given)", o)
-        elif status in ("folded", "no_cells"):  # an ingestor that commits by itself
-            if status == "folded":
-                self.stats.throughput.add(self._last_take, time.monotonic(), warp_pixels(path))
-            self.quarantine.finish(WarpEvent.of(name, o, status), fp)
-        else:
-            return self._internal_error(name, fp,
-                                        RuntimeError(f"unexpected outcome status {status!r}"))
-        return None
-
-    def _reject(self, name: str, fp: tuple, reason: str, o, detail: str | None = None) -> None:
-        self.quarantine.reject(WarpEvent.of(name, o, "rejected", reason), fp, detail)
-
-    def _internal_error(self, name: str, fp: tuple, exc: BaseException) -> int | None:
-        """A bug, or an unexpected error (I/O, memory) while reading or folding one file.
-
-        The file is quarantined in rejected/ with the traceback (so that a restart does not
-        trip on it again). The core drops all uncommitted work when a fold fails half-way:
-        then the files of the dropped batch are handed back to the queue and folded again.
-        If the in-memory batch cannot be accounted for, abandon it (it stays in the inbox,
-        the replay log) and exit non-zero."""
-        tb = traceback.format_exc()
-        log.error("internal error on %s: %s: %s\n%s", name, type(exc).__name__, exc,
-                  tb.rstrip())
-        self.stats.error(f"{name}: {type(exc).__name__}: {exc}")
-        self._reject(name, fp, f"internal error while folding ({type(exc).__name__}: {exc}); "
-                               "see the daemon log", None, detail=tb)
-        pending = self.ing.pending
-        if pending == len(self.inflight):
-            return None  # the batch is intact
-        if pending == 0:
-            event(logging.WARNING, "requeue", files=len(self.inflight),
-                  note="uncommitted batch dropped by the core; folding those files again")
-            for inf in self.inflight.values():
-                self.inbox.release(inf.name)
-            self.inflight.clear()
-            return None
-        event(logging.ERROR, "abort", reason="internal error", pending_abandoned=pending,
-              note="pending warps stay in the inbox and are replayed at the next start")
-        self.inflight.clear()
-        self.state = "failed"
+        self.state = "failed"  # an internal error left the batch unaccounted for
         return EXIT_SOFTWARE
 
     # ---------------------------------------------------------------- commit
     def _commit(self, why: str) -> int | None:
-        n = self.ing.pending
-        t = time.monotonic()
-        try:
-            need = self.store.dirty_bytes()
-        except Exception:  # noqa: BLE001 - an estimate only
-            need = 0
-        try:
-            outcomes = self.ing.commit()
-        except OSError as e:  # StateWriteError (disk full, quota, EIO), or any I/O error
-            self.pause.request("commit", e, need=need)
-            return None
-        except Exception as e:  # noqa: BLE001
-            self.stats.error(f"commit failed: {type(e).__name__}: {e}")
-            log.exception("commit failed (pending warps stay in the inbox and are replayed)")
-            self.inflight.clear()
+        result = self.batch.commit(why)
+        if result is CommitResult.FAILED:
             self.state = "failed"
             return EXIT_SOFTWARE
-        t_done = time.monotonic()
-        durable.crash_point("daemon-before-done")  # durable, in the inbox: replayed as duplicate
-        self.stats.commit(n, t_done - t, why)
-        self.pause.writes_work()
-        handed = [self._committed(o, t_done) for o in outcomes or ()]
-        if any(handed):
-            self.quarantine.sync_dirs()
-        for inf in self.inflight.values():
-            # not reported by commit: leave it in the inbox; it is replayed (duplicate) later
-            log.warning("commit did not report %s; leaving it in the inbox", inf.name)
-            self.inbox.forget(inf.name)
-        self.inflight.clear()
-        event(logging.INFO, "commit", warps=n, seconds=round(t_done - t, 3), why=why)
-        self._write_status(force=True)
+        if result is CommitResult.DONE:
+            self._write_status(force=True)
         return None
 
-    def _committed(self, o, t_done: float) -> bool:
-        """Hand one final outcome of a commit to the quarantine; False if it matches no
-        file in flight."""
-        key = str(o.path)
-        inf = self.inflight.pop(key, None)
-        if inf is None:  # match on the name (the ingestor may have normalised the path)
-            k = next((k for k, v in self.inflight.items() if v.name == Path(key).name), None)
-            inf = self.inflight.pop(k) if k is not None else None
-        if inf is None:
-            log.warning("commit returned an outcome for an unknown file %s", key)
-            return False
-        status = str(o.status)
-        if status == "rejected":
-            self._reject(inf.name, inf.fp, o.reason or "rejected", o)
-            return True
-        outcome = status if status in ("duplicate", "no_cells") else "folded"
-        if outcome == "folded":
-            self.stats.throughput.add(inf.t_start, t_done, inf.pixels)
-        ev = WarpEvent.of(inf.name, o, outcome, ms=o.ms or inf.ms)
-        self.quarantine.finish(ev, inf.fp, fsync=False)
-        return True
-
     # ---------------------------------------------------------------- write-error pause
-    def _drop_uncommitted(self) -> int:
-        """Forget the folded, uncommitted batch (in memory only); its files go back to the
-        queue in their order. The inbox is the replay log: nothing is lost."""
-        n = self.ing.pending if self.ing is not None else 0
-        try:
-            self.store.discard_uncommitted()
-        finally:
-            if self.ing is not None:
-                _close(self.ing)
-                self.ing = self.make_ingestor(self.store, self.run_config)
-            names = [inf.name for inf in self.inflight.values()]
-            self.inflight.clear()
-            for name in reversed(names):
-                self.inbox.release(name)
-        return n
-
     def _enter_pause(self) -> int | None:
         req = self.pause.take_request()
         self.stats.error(req.message, write_error=True)
-        requeued = req.requeued + self._drop_uncommitted()
+        requeued = req.requeued + self.batch.drop_uncommitted()
         if self.cfg.on_write_error == "exit":
             event(logging.ERROR, "commit-failed", during=req.during, path=req.path,
                   errno=req.errno, error=req.error, pending=requeued,
@@ -430,7 +279,7 @@ class Daemon:
         self.state = "stopping"
         self._write_status(force=True)
         self.notify.send("STOPPING=1")
-        pending = self.ing.pending if self.ing else 0
+        pending = self.batch.pending
         if pending and not self.pause.active and self.cfg.on_stop == "commit":
             code = self._commit("stop")
             if code is not None:
@@ -440,7 +289,7 @@ class Daemon:
         elif pending:
             event(logging.INFO, "abandon", pending=pending,
                   note="pending warps stay in the inbox and are folded at the next start")
-            self.inflight.clear()
+            self.batch.abandon()
         event(logging.INFO, "stop", reason=reason, signal=self.signals.signal_name,
               **asdict(self.stats.counts))
         self.state = "stopped"
@@ -457,13 +306,13 @@ class Daemon:
         if self.cfg.on_write_error == "exit":
             self.state = "failed"
             return EXIT_TEMPFAIL
-        self._drop_uncommitted()
+        self.batch.drop_uncommitted()
         return None
 
     def _abandon_now(self, signal_name: str) -> None:
         """A second signal: abandon whatever is pending (it stays in the inbox) and exit."""
         event(logging.WARNING, "stop", signal=signal_name, action="abandon-now",
-              pending=len(self.inflight))
+              pending=len(self.batch.inflight) if self.batch else 0)
         flush()
         os._exit(EXIT_OK)
 
@@ -476,8 +325,8 @@ class Daemon:
             self._write_status(force=True)
         except Exception:  # noqa: BLE001 - exiting anyway; the status is informative only
             pass
-        if self.ing is not None:
-            _close(self.ing)
+        if self.batch is not None:
+            self.batch.close()
         if self.store is not None:
             try:
                 self.store.close()
@@ -497,7 +346,7 @@ class Daemon:
             "done": None if self.cfg.delete_done else str(self.done_dir),
             "rejected": str(self.rejected_dir),
             **self.stats.summary(now, now - self.t0),
-            "pending": self.ing.pending if self.ing else 0,
+            "pending": self.batch.pending if self.batch else 0,
             "queue": ib.counts() if ib else {},
             "observer": ib.observer_status() if ib else {"kind": None, "alive": False},
             "paused": self.pause.status(now),
@@ -510,12 +359,3 @@ class Daemon:
             self.stats.take_changed()
             self.status_writer.write(self.status(), now)
 
-
-def _close(ing) -> None:
-    """Close an ingestor (its loader thread); errors are logged, never raised."""
-    close = getattr(ing, "close", None)  # TRANSITION: Dask's coordinator has no close() yet
-    try:
-        if close is not None:
-            close()
-    except Exception as e:  # noqa: BLE001 - replacing or leaving it anyway
-        log.error("closing the ingestor failed: %s", e)

@@ -66,7 +66,7 @@ def fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
 class _Hints(FileSystemEventHandler):
     """watchdog handler: turns events into name hints. Never raises, never blocks."""
 
-    def __init__(self, inbox: "Inbox"):
+    def __init__(self, inbox: Inbox):
         super().__init__()
         self._inbox = inbox
 

@@ -64,7 +64,7 @@ class PauseRequest:
 
     @classmethod
     def of(cls, during: str, exc: BaseException, state_dir: Path, path: Path | None,
-           need: int, requeued: int) -> "PauseRequest":
+           need: int, requeued: int) -> PauseRequest:
         """Describe ``exc`` (an ``OSError``, a ``StateWriteError`` or SQLite's error)."""
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -44,7 +44,7 @@ class DaemonConfig:
     throughput_warps: int = 32  # ... and over this many last folded warps
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DaemonConfig":
+    def from_dict(cls, d: dict) -> DaemonConfig:
         """From the ``[daemon]`` table; unknown keys are a ``UserError``."""
         names = {f.name for f in fields(cls)}
         extra = set(d) - names

@@ -29,7 +29,7 @@ class WarpEvent:
 
     @classmethod
     def of(cls, name: str, o, outcome: str, reason: str = "",
-           ms: float | None = None) -> "WarpEvent":
+           ms: float | None = None) -> WarpEvent:
         """From the ingestor's outcome record ``o`` (None when there is none); ``ms``
         replaces ``o.ms`` (the final outcome of a commit may not carry it)."""
         if o is None:
