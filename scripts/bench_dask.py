@@ -218,7 +218,11 @@ def main() -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the state comparison")
     ap.add_argument("--workdir", help="keep files here (default: a temporary directory)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--small", action="store_true",
+                    help="a quick check: 24 warps of 400 px, 2x2 patches, one repeat")
     args = ap.parse_args()
+    if args.small:
+        args.warps, args.size, args.patches, args.repeat = 24, 400, 2, 1
 
     from streamcoadd.core.config import RunConfig
 
@@ -251,9 +255,13 @@ def main() -> int:
             for name in names:
                 state = new_state(work / f"state-{name.replace(':', '')}", skymap)
                 if name == "single":
+                    cpu0 = _cpu_seconds()
                     dt = run_single(state, files, rc)
+                    cpu = _cpu_seconds() - cpu0
                     ref = state
-                    print(f"  single      run {r + 1}: {dt:6.2f} s", flush=True)
+                    results[name]["stats"] = {"cpu_seconds": cpu}
+                    print(f"  single      run {r + 1}: {dt:6.2f} s  ({cpu:.1f} CPU-s)",
+                          flush=True)
                 else:
                     n = int(name.split(":")[1])
                     dt, stats = run_dask(state, files, rc, clusters[n][1], args.commit_every)
@@ -280,13 +288,14 @@ def main() -> int:
               f"reads, {stats['cells_written']} cell generations written)")
 
     print()
-    print(f"{'run':<10} {'best s':>8} {'median s':>9} {'warps/s':>8} {'speedup':>8} "
-          f"{'efficiency':>10}")
+    print(f"{'run':<10} {'best s':>8} {'median s':>9} {'warps/s':>8} {'CPU-s':>7} "
+          f"{'speedup':>8} {'efficiency':>10}")
     base = results.get("dask:1")
     for name, r in results.items():
         best, med = min(r["times"]), statistics.median(r["times"])
         r.update(best=best, median=med, warps_per_s=len(files) / best)
-        line = f"{name:<10} {best:8.2f} {med:9.2f} {len(files) / best:8.2f}"
+        cpu = (r["stats"] or {}).get("cpu_seconds", float("nan"))
+        line = f"{name:<10} {best:8.2f} {med:9.2f} {len(files) / best:8.2f} {cpu:7.1f}"
         if base and name.startswith("dask:"):
             n = int(name.split(":")[1])
             r["speedup_vs_1"] = min(base["times"]) / best
