@@ -16,7 +16,9 @@ fraction exceeds its threshold; ``INTRP`` where any weight was interpolated;
 from __future__ import annotations
 
 import io
+import json
 import math
+import multiprocessing
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -30,6 +32,17 @@ from streamcoadd.core.coadd import BIT, box_wcs, coadd_planes
 from streamcoadd.core.config import FoldConfig
 from streamcoadd.core.masks import CANONICAL_PLANES
 from streamcoadd.core.skymap import Box, CellId, PatchId, Tract
+from streamcoadd.io.lsst_images import (
+    CellPlanes,
+    ContributionRow,
+    InputRow,
+    PatchLayout,
+    StitchedPlanes,
+    day_obs,
+    thin_polygon,
+    write_cell_coadd,
+)
+from streamcoadd.store.cellfile import read_cell_file
 
 
 def _wcs_header(tract: Tract, box: Box) -> fits.Header:
@@ -200,7 +213,6 @@ class _PatchJob:
 
     def read(self, i: int):
         """The accumulator of cell ``i`` (None if it has no input any more)."""
-        from streamcoadd.store.cellfile import read_cell_file
 
         try:
             acc, _ = read_cell_file(self.paths[i], for_coadd=True)
@@ -420,8 +432,6 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
                          data_start=data_start, row_dtype=row_dtype, patch_box=box,
                          stitched_fd=sfd, plane_offsets=offsets)
         if workers > 1:
-            import multiprocessing
-
             pool = multiprocessing.get_context("fork").Pool(workers)
             results = pool.imap(_finalize_strip, range(len(tasks)))
         else:
@@ -517,8 +527,6 @@ def cellcoadd_name(patch: PatchId, band: str) -> str:
 def patch_layout(tract: Tract, patch: PatchId, skymap_name: str):
     """The :class:`~streamcoadd.io.lsst_images.PatchLayout` of a patch: its whole cell
     grid (border cells included), from the cell grid origin."""
-    from streamcoadd.io.lsst_images import PatchLayout
-
     g = tract.cells
     n = g.cells_per_patch
     return PatchLayout(skymap=skymap_name, tract=patch.tract, patch_xy=(patch.x, patch.y),
@@ -544,8 +552,6 @@ class _Provenance:
         self.fallback_cells: list[str] = []
 
     def add_cell(self, i: int, j: int, contributors, group: str) -> None:
-        from streamcoadd.io.lsst_images import ContributionRow
-
         if group == "fallback":
             self.fallback_cells.append(f"{i},{j}")
         for c in contributors:
@@ -578,11 +584,7 @@ class _Provenance:
     def tables(self, band: str) -> tuple[list, list, dict]:
         """``(inputs, contributions, metadata)``; ``overlaps_center`` is computed here:
         does the input's polygon contain the cell centre."""
-        import json
-
         from lsst.images import Polygon
-
-        from streamcoadd.io.lsst_images import InputRow, day_obs, thin_polygon
 
         inputs, polys, n_fallback, extra = [], {}, 0, {}
         for key, inp in sorted(self.inputs.items()):
@@ -611,8 +613,6 @@ class _Provenance:
 
 def _cell_planes(acc, tract: Tract, config: FoldConfig, layout):
     """The inner-box planes of one cell's coadd (``CellPlanes``), or None if empty."""
-    from streamcoadd.io.lsst_images import CellPlanes
-
     sums = acc.active()
     if sums is None:
         return None, None
@@ -636,7 +636,6 @@ def _stream_cells(store, tract: Tract, band: str, cells: list[CellId], layout,
                   prov: _Provenance):
     """Yield each populated cell's ``CellPlanes`` reading one cell file at a time
     (the manifest is read once; a cell superseded meanwhile is re-read through it)."""
-    from streamcoadd.store.cellfile import read_cell_file
 
     config = store.fold
     patch = cells[0].patch if cells else None
@@ -665,8 +664,6 @@ def export_cell_coadd(store, skymap_name: str, patch: PatchId, band: str,
     (``out_dir / cellcoadd_name(patch, band)``, atomically), streaming the cells from the
     state. Returns what was written, or None when no cell had data (nothing written).
     Needs lsst-images (Python >= 3.12): raises ``UserError`` saying what to install."""
-    from streamcoadd.io.lsst_images import StitchedPlanes, write_cell_coadd
-
     tract = store.skymap.tract(patch.tract)
     config = store.fold
     layout = patch_layout(tract, patch, skymap_name)

@@ -15,6 +15,7 @@ are sequential, ``nx * y + x`` (lsst.skymap).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import sys
@@ -56,9 +57,11 @@ def require_lsst() -> None:
     try:
         import lsst.images
         import lsst.images.cells  # noqa: F401
-        import requests  # noqa: F401  (lsst-resources imports it on read, undeclared)
     except ImportError as e:
         raise UserError(f"{INSTALL_HINT} ({e})") from None
+    # lsst-resources imports requests when a CellCoadd is read, without declaring it
+    if importlib.util.find_spec("requests") is None:
+        raise UserError(f"{INSTALL_HINT} (requests is missing)")
 
 
 @dataclass(frozen=True)
