@@ -149,11 +149,13 @@ def write_cells_fits(path, patch: PatchId, band: str, tract: Tract, coadds: list
     n = g.cells_per_patch
     origin = tract.cell_grid_origin(patch)
     ph = fits.Header(tract.wcs().to_header())
-    ph.update({"VERSION": "0.8", "SKYMAP": skymap_name, "TRACT": patch.tract,
+    # (the one change since this copy was frozen: the cells file no longer claims LSST's
+    # cell_coadds VERSION 0.8, and OCELL1/2 is the outer cell size as LSST's reader takes it)
+    ph.update({"SCFORMAT": "streamcoadd-cells", "SCFMTVER": 2, "SKYMAP": skymap_name, "TRACT": patch.tract,
                "PATCH_X": patch.x, "PATCH_Y": patch.y, "FILTER": band, "BAND": band,
                "GRCELL1": g.inner, "GRCELL2": g.inner, "GRSHAPE1": n, "GRSHAPE2": n,
-               "GRMIN1": origin[0], "GRMIN2": origin[1], "OCELL1": g.border,
-               "OCELL2": g.border, "PSFSIZE1": config.psf_size, "PSFSIZE2": config.psf_size,
+               "GRMIN1": origin[0], "GRMIN2": origin[1], "OCELL1": g.outer,
+               "OCELL2": g.outer, "PSFSIZE1": config.psf_size, "PSFSIZE2": config.psf_size,
                "NNOISE": config.noise_realizations, "BUNIT": "nJy"})
     k = len(coadds)
     dim = f"({outer},{outer})"

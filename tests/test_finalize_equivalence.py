@@ -85,7 +85,7 @@ def _reference(state, out, **kw):
 def test_band_r_identical_to_reference(state, tmp_path, workers):
     ref = _reference(state, tmp_path / "ref", band="r")
     new = tmp_path / "new"
-    assert cli.main(["finalize", str(state), "--out", str(new), "--band", "r",
+    assert cli(["finalize", str(state), "--out", str(new), "--band", "r",
                      "--workers", str(workers)]) == 0
     _same_files(ref, new)
     # the state is meaningful: fallback cells, missing cells in a patch, several patches
@@ -119,7 +119,7 @@ def test_nan_mjd_visits_listed_once(state, tmp_path):
     (NaN != NaN in its set); now once. Everything else is as before."""
     ref = _reference(state, tmp_path / "ref", band="g")
     new = tmp_path / "new"
-    assert cli.main(["finalize", str(state), "--out", str(new), "--band", "g"]) == 0
+    assert cli(["finalize", str(state), "--out", str(new), "--band", "g"]) == 0
     for f in sorted(ref.iterdir()):
         with fits.open(f) as a, fits.open(new / f.name) as b:
             assert [h.name for h in a] == [h.name for h in b]

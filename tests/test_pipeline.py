@@ -15,7 +15,6 @@ for _p in (str(ROOT / "tests"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from reference import compare_cell, reference_coadd, run_cli  # noqa: E402
@@ -24,7 +23,6 @@ from warpgen import stack_warp_set, write_broken  # noqa: E402
 
 import streamcoadd  # noqa: E402
 from streamcoadd.core.skymap import Box, load_skymap  # noqa: E402
-from streamcoadd.store.cellfile import encode_plane, load_plane  # noqa: E402
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 SKYMAP = load_skymap(SKYMAP_FILE)
@@ -111,25 +109,6 @@ def test_crash_in_a_forked_writer_kills_the_ingest_and_a_rerun_completes(warps):
             compare_cell(s.cell(cid, band), rc)
 
 
-@pytest.mark.parametrize("plane, want", [
-    (np.full((5, 7), 2.5), "constant"),
-    (np.zeros((5, 7), np.int32), "constant"),
-    (np.where(np.arange(35).reshape(5, 7) % 11 == 0, 1.5, 0.0), "sparse"),
-    (np.arange(35, dtype=np.float64).reshape(5, 7), "dense"),
-])
-def test_plane_encodings_round_trip(tmp_path, plane, want):
-    from streamcoadd.store.cellfile import _plane
-
-    encoding, _ = encode_plane(plane)
-    assert encoding == want
-    with h5py.File(tmp_path / "p.h5", "w") as f:
-        _plane(f.id, "x", plane)
-    with h5py.File(tmp_path / "p.h5", "r") as f:
-        back = load_plane(f["x"])
-        assert f["x"].attrs.get("encoding", "dense") == want
-    assert back.dtype == plane.dtype and np.array_equal(back, plane)
-
-
 def test_a_file_replaced_after_it_was_read_ahead_is_read_again(warps, tmp_path):
     """The loader reads the next file early; if a re-delivery replaces it before it is
     taken, what is folded must be the new content (never the stale bytes)."""
@@ -159,29 +138,6 @@ def test_a_file_replaced_after_it_was_read_ahead_is_read_again(warps, tmp_path):
         assert loader.take(good[2]) is ahead
     finally:
         loader.close()
-
-
-def test_contributor_rows_round_trip():
-    """Every field of a contributor row survives the cell file's table encoding."""
-    from streamcoadd.core.fold import Contributor
-    from streamcoadd.store.cellfile import (
-        contributors_from_array,
-        contributors_to_array,
-    )
-
-    rng = np.random.default_rng(4)
-    rows = [Contributor(visit=int(rng.integers(2**40)), detector=int(rng.integers(200)),
-                        weight=float(rng.random()), overlap_fraction=float(rng.random()),
-                        good_fraction=float(rng.random()), fallback=bool(i % 2),
-                        psf_ixx=float(rng.normal()), psf_iyy=float(rng.normal()),
-                        psf_ixy=float(rng.normal()), psf_flag=bool(i % 3 == 0),
-                        content_hash=f"{int(rng.integers(2**62)):064x}",
-                        folded_at=float(1.7e9 + rng.random()), instrument=["LSSTCam", ""][i % 2],
-                        physical_filter=f"r_{i}", mjd=float(60000 + rng.random()))
-            for i in range(257)]
-    back = contributors_from_array(contributors_to_array(rows))
-    assert back == rows
-    assert all(type(c.visit) is int and type(c.fallback) is bool for c in back)
 
 
 # ------------------------------------------------------------------ admission (issue 15)

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import threading
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,20 @@ def _visit_rows(contrib_visits) -> list[tuple]:
                                                          0.0 if isinstance(k[3], str) else k[3]))]
 
 
+def cell_generations(store, patch: PatchId, band: str, cells: list[CellId]) -> list[int | None]:
+    """Each cell's generation in the shard's committed manifest, read once (None: not
+    in it; :func:`read_for_coadd` then looks again)."""
+    manifest = store.load_manifest(patch, band)
+    return [None if manifest is None else manifest.generation(c.x, c.y) for c in cells]
+
+
+def read_for_coadd(store, cell: CellId, band: str, gen: int | None):
+    """What a coadd needs of one cell (its accumulator read ``for_coadd``), following a
+    commit that superseded ``gen`` meanwhile; None if the cell has no input any more."""
+    got = store.read_current(cell, band, gen, partial(read_cell_file, for_coadd=True))
+    return None if got is None else got[1][0]
+
+
 @dataclass
 class _PatchJob:
     """Everything a worker needs to finalize a patch (inherited through fork)."""
@@ -201,7 +216,8 @@ class _PatchJob:
     config: FoldConfig
     patch: PatchId
     cells: list[CellId]  # sorted: row i of the CELLS table is cells[i]
-    paths: list[Path]
+    gens: list[int | None]  # the generation of each cell in the manifest read at the start
+    paths: list[Path]  # their files (prefetched into the page cache)
     tasks: list[list[int]]  # cell indices of one row of cells (same y), by x
     task_y: list[int]  # the cell row (y) of each task
     cells_fd: int
@@ -213,15 +229,7 @@ class _PatchJob:
 
     def read(self, i: int):
         """The accumulator of cell ``i`` (None if it has no input any more)."""
-
-        try:
-            acc, _ = read_cell_file(self.paths[i], for_coadd=True)
-        except FileNotFoundError:  # superseded by a commit meanwhile: ask the manifest
-            got = self.store.read_cell(self.cells[i], self.band)
-            if got is None:
-                return None
-            acc = got[0]
-        return acc
+        return read_for_coadd(self.store, self.cells[i], self.band, self.gens[i])
 
 
 _JOB: _PatchJob | None = None
@@ -382,12 +390,8 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
     tract = store.skymap.tract(patch.tract)
     config = store.fold
     cells = sorted(cells)
-    manifest = store.read_manifest(patch, band) or {"cells": {}}
-    d = store.shard_dir(patch, band)
-    # a cell the manifest no longer names gets a path that does not exist: reading it
-    # fails with FileNotFoundError and read_cell then decides (it re-reads the manifest)
-    paths = [d / store.cell_filename(c, manifest["cells"].get(f"{c.x}-{c.y}", 0))
-             for c in cells]
+    gens = cell_generations(store, patch, band, cells)
+    paths = [store.cell_path(c, band, g or 0) for c, g in zip(cells, gens)]
     k = len(cells)
     n_side = tract.cells.cells_per_patch
     by_row: dict[int, list[int]] = {}
@@ -428,7 +432,7 @@ def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: li
         if stitched:
             sfd = os.open(stitched_tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _JOB = _PatchJob(store=store, band=band, tract=tract, config=config, patch=patch,
-                         cells=cells, paths=paths, tasks=tasks, task_y=rows_y, cells_fd=fd,
+                         cells=cells, gens=gens, paths=paths, tasks=tasks, task_y=rows_y, cells_fd=fd,
                          data_start=data_start, row_dtype=row_dtype, patch_box=box,
                          stitched_fd=sfd, plane_offsets=offsets)
         if workers > 1:
@@ -639,17 +643,11 @@ def _stream_cells(store, tract: Tract, band: str, cells: list[CellId], layout,
 
     config = store.fold
     patch = cells[0].patch if cells else None
-    manifest = (store.read_manifest(patch, band) if patch else None) or {"cells": {}}
-    d = store.shard_dir(patch, band) if patch else None
-    for cell in cells:
-        path = d / store.cell_filename(cell, manifest["cells"].get(f"{cell.x}-{cell.y}", 0))
-        try:
-            acc, _ = read_cell_file(path, for_coadd=True)
-        except FileNotFoundError:
-            got = store.read_cell(cell, band)
-            if got is None:
-                continue
-            acc = got[0]
+    gens = cell_generations(store, patch, band, cells) if patch else []
+    for cell, gen in zip(cells, gens):
+        acc = read_for_coadd(store, cell, band, gen)
+        if acc is None:
+            continue
         rec, sums = _cell_planes(acc, tract, config, layout)
         if rec is None:
             continue

@@ -13,6 +13,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.contributors import contributors_table
 from streamcoadd.core.fold import CellAccumulator
 from streamcoadd.core.masks import CANONICAL_PLANES
 from streamcoadd.core.skymap import Box, CellId, Tract
@@ -63,17 +64,6 @@ class CellCoadd:
     def inner(self, plane: np.ndarray) -> np.ndarray:
         """View of ``plane`` (outer shape) restricted to the inner box."""
         return plane[self.inner_box.slices((self.outer_box.x0, self.outer_box.y0))]
-
-
-def contributors_table(acc_group) -> Table:
-    rows = acc_group.contributors
-    cols = ["visit", "detector", "weight", "overlap_fraction", "good_fraction", "fallback",
-            "psf_ixx", "psf_iyy", "psf_ixy", "psf_flag", "content_hash", "folded_at",
-            "instrument", "physical_filter", "mjd"]
-    t = Table({c: [getattr(r, c) for r in rows] for c in cols} if rows else
-              {c: [] for c in cols})
-    t["weight"].unit = "1/nJy2"
-    return t
 
 
 def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
@@ -161,7 +151,7 @@ def coadd_cell(acc: CellAccumulator, band: str, tract: Tract, config: FoldConfig
                      inner_box=tract.cell_inner_box(acc.cell), image=p["image"],
                      variance=p["variance"], mask=p["mask"], psf=p["psf"],
                      maskfrac=p["maskfrac"], noise=p["noise"],
-                     group=acc.active_group(), contributors=contributors_table(sums),
+                     group=acc.active_group(), contributors=contributors_table(sums.contributors),
                      wcs=box_wcs(tract, outer), accumulator=acc)
 
 

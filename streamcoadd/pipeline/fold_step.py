@@ -23,27 +23,21 @@ def fold_into_shard(store: StateStore, shard: Shard, inputs: list[CellInput],
         fold_cell(store.cell_for_write(shard, cin.cell), cin, prepared, store.fold)
     if inputs:
         w = prepared.warp
-        # TODO(store): a Shard method (e.g. shard.add_pending(hash, visit, detector)), so
-        # that only the store changes its shards.
-        shard.pending_warps[w.content_hash] = (w.id.visit, w.id.detector)
+        shard.add_pending(w.content_hash, w.id.visit, w.id.detector)
     return len(inputs)
 
 
 def forget_shard(store: StateStore, patch: PatchId, band: str) -> None:
     """Drop the in-memory copy of one shard (uncommitted work included); the next
     ``store.shard`` reads it from disk again."""
-    # TODO(store): StateStore.drop_shard(patch, band); the one place outside the store
-    # that touches store.shards.
-    store.shards.pop((patch, band), None)
+    store.drop_shard(patch, band)
 
 
 def cached_shard(store: StateStore, patch: PatchId, band: str) -> Shard | None:
     """The shard's in-memory copy, if the store holds one (without loading it)."""
-    # TODO(store): StateStore.cached_shard(patch, band)
-    return store.shards.get((patch, band))
+    return store.cached_shard(patch, band)
 
 
 def forget_shards(store: StateStore) -> None:
     """Drop every in-memory shard (a long-lived Dask worker frees its memory)."""
-    for patch, band in [k for k in list(store.shards)]:
-        forget_shard(store, patch, band)
+    store.drop_all_shards()

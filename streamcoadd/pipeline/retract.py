@@ -36,7 +36,7 @@ from streamcoadd.core.fold import (
 )
 from streamcoadd.core.skymap import CellId
 from streamcoadd.core.warp import file_hash
-from streamcoadd.io.warp_reader import read_bytes as read_bytes
+from streamcoadd.io.warp_reader import read_bytes
 from streamcoadd.io.warp_reader import read_warp
 from streamcoadd.store.ledger import WarpRecord
 from streamcoadd.store.state import Shard, StateStore
@@ -132,18 +132,17 @@ def _retract_one(store: StateStore, rec: WarpRecord, path: Path, files: list[Pat
     for cell, new in results.items():
         shard = shard_of[cell]
         if new is None:
-            shard.dirty.discard(cell)
+            shard.unchanged(cell)
             continue
-        shard.cells[cell].groups = new.groups
+        shard.replace_cell(cell, new)
         report.cells += 1
     report.rebuilt += len(rebuild)
     for shard in shards:
-        shard.removed_warps.add(rec.content_hash)
+        shard.remove_warp(rec.content_hash)
     try:
         store.commit()
     except BaseException:
-        # the store may have dropped emptied cells from memory before its manifest was
-        # written: forget every uncommitted change so memory matches the disk again
+        # a failed commit: forget every uncommitted change so memory matches the disk
         store.discard_uncommitted()
         raise
 

@@ -89,6 +89,24 @@ class Shard:
     def changed(self) -> bool:
         return bool(self.dirty or self.pending_warps or self.removed_warps)
 
+    def add_pending(self, content_hash: str, visit: int, detector: int) -> None:
+        """A warp folded into this shard in memory: the next commit lists its hash."""
+        self.pending_warps[content_hash] = (visit, detector)
+
+    def replace_cell(self, cell: CellId, acc: CellAccumulator) -> None:
+        """Put ``acc`` in place of the cell's accumulator; the next commit writes it."""
+        self.cells[cell] = acc
+        self.dirty.add(cell)
+
+    def unchanged(self, cell: CellId) -> None:
+        """The cell was loaded for writing but is not changed: the commit skips it."""
+        self.dirty.discard(cell)
+
+    def remove_warp(self, content_hash: str) -> None:
+        """A warp retracted from this shard in memory: the next commit drops its hash."""
+        self.pending_warps.pop(content_hash, None)
+        self.removed_warps.add(content_hash)
+
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.cells.values())
@@ -337,6 +355,19 @@ class StateStore:
         shard.last_used = time.monotonic()
         return shard
 
+    def cached_shard(self, patch: PatchId, band: str) -> Shard | None:
+        """The shard's in-memory copy, if this store holds one (nothing is loaded)."""
+        return self.shards.get((patch, band))
+
+    def drop_shard(self, patch: PatchId, band: str) -> None:
+        """Forget the in-memory copy of one shard, uncommitted work included; the next
+        :meth:`shard` reads it from disk again."""
+        self.shards.pop((patch, band), None)
+
+    def drop_all_shards(self) -> None:
+        """Forget every in-memory shard (a long-lived Dask worker frees its memory)."""
+        self.shards.clear()
+
     def cell_for_write(self, shard: Shard, cell: CellId) -> CellAccumulator:
         acc = shard.cells.get(cell)
         if acc is None:
@@ -448,8 +479,6 @@ class StateStore:
         the superseded generations go."""
         d = shard.directory
         self.bytes_written += sum(job[0].stat().st_size for job in plan.jobs)
-        for cell in plan.emptied:
-            del shard.cells[cell]
         fsync_dir(d)
         crash_point("cells-durable")
         warps = {h: v for h, v in {**shard.warps, **shard.pending_warps}.items()
@@ -462,6 +491,10 @@ class StateStore:
         self.bytes_written += len(blob)
         crash_point("manifest-committed")
         shard.commit, shard.cell_gens, shard.warps = plan.gen, plan.cell_gens, warps
+        # Emptied cells leave memory only now: had the manifest write failed, ``dirty``
+        # would still name them and the next commit would write them again.
+        for cell in plan.emptied:
+            shard.cells.pop(cell, None)
         shard.dirty.clear()
         shard.pending_warps = {}
         shard.removed_warps = set()
