@@ -229,6 +229,22 @@ def test_same_as_single_process(client, warps, reference, tmp_path):
     assert_same_state(ref, state)
 
 
+def test_task_commits_as_it_goes_within_its_memory(client, warps, reference, tmp_path):
+    """A task takes all the waiting shards of its worker and folds warp by warp (each warp
+    prepared once per worker); with a tiny cache it commits its shards after every warp
+    (the local ingestor's rule), each under its lock with compare-and-swap: same state."""
+    ref, ref_status = reference
+    state = new_state(tmp_path / "state")
+    run = D.run_distributed(state, [warps[k] for k in ORDER], client=client, batch=100,
+                            run_config=RunConfig(cache_gb=1e-6))
+    assert {Path(o.path).stem: o.status for o in run.outcomes} == ref_status
+    n = assert_same_state(ref, state)
+    stats = run.stats
+    assert stats.conflict_retries == 0 and stats.present == 0
+    assert stats.cells_written > n  # cells rewritten by the intermediate commits
+    assert stats.warps_read <= 2 * 9  # each of the 9 warps sent: at most once per worker
+
+
 def test_task_rerun_is_noop(client, warps, reference, tmp_path):
     """Dask may run a task twice: sequentially (lost result) or at the same time (a worker
     thought dead). Neither may fold a warp twice."""

@@ -55,7 +55,12 @@ from streamcoadd.core.skymap import PatchId
 from streamcoadd.core.version import __version__
 from streamcoadd.core.warp import file_hash
 from streamcoadd.io.warp_reader import read_bytes
-from streamcoadd.pipeline.admission import Admission, ContentVerdict, ShardVerdict, shard_verdict
+from streamcoadd.pipeline.admission import (
+    Admission,
+    ContentVerdict,
+    ShardVerdict,
+    shard_verdict,
+)
 from streamcoadd.pipeline.fold_step import (
     cached_shard,
     fold_into_shard,
@@ -71,6 +76,7 @@ from streamcoadd.pipeline.source import (
     probe_warp,
     route,
 )
+from streamcoadd.store.state import ShardConflict
 
 log = logging.getLogger("streamcoadd.pipeline.dask_executor")
 
@@ -85,7 +91,7 @@ MAX_CONFLICT_ATTEMPTS = 8  # compare-and-swap retries of one task on one shard
 # executor thread, so that a task's commit() only ever sees its own shard.
 _stores: dict[tuple[int, str], tuple[tuple, object]] = {}
 _prepared_lock = threading.Lock()
-_prepared: "OrderedDict[str, tuple[PreparedWarp, int]]" = OrderedDict()  # hash -> (warp, bytes)
+_prepared: OrderedDict[str, tuple[PreparedWarp, int]] = OrderedDict()  # hash -> (warp, bytes)
 
 
 _counters = {"warps_read": 0}
@@ -217,8 +223,6 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
     is skipped (``present``). Returns ``{"shard", "results", "commit", ...}`` with one
     result dict per warp, in the order given (``status`` one of folded, no_cells, present,
     rejected, changed, conflict, misrouted)."""
-    from streamcoadd.store.state import ShardConflict
-
     t0 = time.perf_counter()
     tract_id, px, py, band = shard_key
     patch = PatchId(tract_id, px, py)
@@ -258,75 +262,103 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
 
 def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
                 cache_bytes: int = int(2e9), prepared_cache_bytes: int = int(1e9)) -> dict:
-    """Dask task: fold warps into SEVERAL shards (neighbouring patches, all placed on this
-    worker), warp by warp, so that a warp feeding several of them is read and prepared
-    once; then commit each shard on its own (lock + compare-and-swap), exactly as
-    :func:`fold_shard_batch` does for one. ``groups``: [(shard key, [(path, sha256)])].
+    """Dask task: fold warps into SEVERAL shards (all those of this worker with work
+    queued), warp by warp, so that a warp feeding several of them is read and prepared
+    once; each shard is committed on its own (lock + compare-and-swap), exactly as
+    :func:`fold_shard_batch` does for one: whenever the uncommitted cells reach
+    ``cache_bytes`` (the local ingestor's rule, so memory stays bounded however many
+    shards the task holds) and at the end. ``groups``: [(shard key, [(path, sha256)])].
     Returns ``{"shards": {shard key: <fold_shard_batch result>}, ...}``."""
-    from streamcoadd.store.state import ShardConflict
-
     t0 = time.perf_counter()
     read0 = _counters["warps_read"]
-    if len(groups) == 1:
-        key, warps = groups[0]
-        r = fold_shard_batch(root, key, warps, cache_bytes, prepared_cache_bytes)
-        return {"shards": {key: r}, "pid": r["pid"], "host": r["host"],
-                "seconds": time.perf_counter() - t0,
-                "warps_read": _counters["warps_read"] - read0}
     store = _worker_store(root)
     store.cache_bytes = cache_bytes
-    shards, cached = {}, {}
-    paths: dict[str, str] = {}
-    targets: dict[str, list[ShardKey]] = {}  # warp -> its shards in this task, in order
-    for key, warps in groups:
-        for path, h in warps:
-            paths.setdefault(h, path)
-            targets.setdefault(h, []).append(key)
-    hashes = list(paths)
-    results: dict = {key: {} for key, _ in groups}
-    out: dict = {}
+    run = _MultiShardRun(store, groups, prepared_cache_bytes)
     try:
-        for key, _ in groups:
-            t, px, py, band = key
-            shards[key], cached[key] = _fresh_shard(store, PatchId(t, px, py), band)
-        for i in _warp_order([(paths[h], h) for h in hashes]):
-            h = hashes[i]
-            prepared, failed = _prepare(paths[h], h, store, prepared_cache_bytes)
-            for key in targets[h]:
-                results[key][h] = _fold_prepared(store, shards[key], paths[h], h, prepared,
-                                                 failed)
-        redo = []
-        for key, warps in groups:
-            shard = shards[key]
-            written = len(shard.dirty)
-            try:
-                if shard.changed:
-                    store.commit_shard(shard)  # this shard only, under its lock, CAS
-            except ShardConflict:
-                forget_shard(store, shard.patch, shard.band)
-                redo.append((key, warps))
-                continue
-            out[key] = {"shard": key, "results": [results[key][h] for _, h in warps],
-                        "commit": shard.commit, "cells_written": written, "attempts": 1,
-                        "shard_cached": cached[key], "warps_read": 0, "seconds": 0.0}
+        run.fold_all()
     except (ShardConflict, FileNotFoundError):
         # A superseded generation vanished while we read it (another writer committed):
-        # drop what is not committed and do the remaining shards one by one.
-        redo = [(key, warps) for key, warps in groups if key not in out]
-        for key, _ in redo:
-            forget_shard(store, PatchId(*key[:3]), key[3])
+        # drop what is not committed and do the shards again one by one (what was
+        # committed meanwhile is found there, 'present').
+        run.redo.update((key, warps) for key, warps in groups)
     except BaseException:
-        for key, _ in groups:
-            if key not in out:  # never let half-folded memory survive
-                forget_shard(store, PatchId(*key[:3]), key[3])
+        for key, _ in groups:  # never let half-folded memory survive
+            forget_shard(store, PatchId(*key[:3]), key[3])
         raise
-    for key, warps in redo:
+    out = run.results()
+    for key, warps in run.redo.items():
+        forget_shard(store, PatchId(*key[:3]), key[3])
         r = fold_shard_batch(root, key, warps, cache_bytes, prepared_cache_bytes)
         r["attempts"] += 1
         out[key] = r
     store.trim_cache(store.cache_bytes)
     return {"shards": out, "pid": os.getpid(), "host": os.uname().nodename,
             "seconds": time.perf_counter() - t0, "warps_read": _counters["warps_read"] - read0}
+
+
+class _MultiShardRun:
+    """One :func:`fold_shards` task's bookkeeping: its shards, warp by warp, with
+    memory-bounded intermediate commits (a shard whose commit loses the compare-and-swap
+    goes to ``redo`` and takes no more warps here)."""
+
+    def __init__(self, store, groups, prepared_cache_bytes: int):
+        self.store = store
+        self.groups = groups
+        self.prepared_cache_bytes = prepared_cache_bytes
+        self.paths: dict[str, str] = {}
+        self.targets: dict[str, list[ShardKey]] = {}  # warp -> its shards here, in order
+        for key, warps in groups:
+            for path, h in warps:
+                self.paths.setdefault(h, path)
+                self.targets.setdefault(h, []).append(key)
+        self.shards: dict = {}
+        self.cached: dict = {}
+        self.written = {key: 0 for key, _ in groups}
+        self.per_warp: dict = {key: {} for key, _ in groups}
+        self.redo: dict = {}
+
+    def fold_all(self) -> None:
+        store = self.store
+        for key, _ in self.groups:
+            t, px, py, band = key
+            self.shards[key], self.cached[key] = _fresh_shard(store, PatchId(t, px, py), band)
+        hashes = list(self.paths)
+        for i in _warp_order([(self.paths[h], h) for h in hashes]):
+            h = hashes[i]
+            keys = [k for k in self.targets[h] if k not in self.redo]
+            if not keys:
+                continue
+            prepared, failed = _prepare(self.paths[h], h, store, self.prepared_cache_bytes)
+            for key in keys:
+                self.per_warp[key][h] = _fold_prepared(store, self.shards[key], self.paths[h],
+                                                       h, prepared, failed)
+            del prepared
+            if store.dirty_bytes() >= store.cache_bytes:
+                self.commit()
+                store.trim_cache(store.cache_bytes)
+        self.commit()
+
+    def commit(self) -> None:
+        """Commit every changed shard of the task, each alone (lock + compare-and-swap)."""
+        warps_of = dict(self.groups)
+        for key, shard in self.shards.items():
+            if key in self.redo or not shard.changed:
+                continue
+            n = len(shard.dirty)
+            try:
+                self.store.commit_shard(shard)
+            except ShardConflict:
+                forget_shard(self.store, shard.patch, shard.band)
+                self.redo[key] = warps_of[key]
+                continue
+            self.written[key] += n
+
+    def results(self) -> dict:
+        return {key: {"shard": key, "results": [self.per_warp[key][h] for _, h in warps],
+                      "commit": self.shards[key].commit, "cells_written": self.written[key],
+                      "attempts": 1, "shard_cached": self.cached[key], "warps_read": 0,
+                      "seconds": 0.0}
+                for key, warps in self.groups if key not in self.redo}
 
 
 # =============================================================================== coordinator
@@ -369,7 +401,7 @@ class DistributedIngestor:
                  batch: int | None = None, max_batch: int | None = None, retries: int = 3,
                  prepared_cache_gb: float = 1.0, allow_refold: bool = False,
                  log_failures: bool = False, logger: logging.Logger | None = None,
-                 heartbeat=None):
+                 heartbeat=None, max_shards: int | None = None):
         if not store.write or store.shard_locking:
             raise ValueError("the coordinator needs the state opened by its single writer")
         if client is None:
@@ -398,10 +430,10 @@ class DistributedIngestor:
         self._inflight: dict[str, int] = {}  # worker -> tasks placed there, not finished
         self._workers: dict[str, int] = {}  # live worker -> threads
         self._workers_at = -1e9
-        g = store.skymap.cells
-        cell_bytes = 8 * (5 + store.fold.noise_realizations) * g.outer ** 2
-        # shards per task: their cells are all in memory at once (bounded by cache_gb)
-        self.max_shards = max(1, int(self.cache_bytes // (cell_bytes * g.cells_per_patch ** 2)))
+        # Shards per task: all the waiting shards of a worker by default (a warp feeding
+        # several is then prepared once there); the worker bounds its memory by committing
+        # whenever its uncommitted cells reach cache_gb, as the local ingestor does.
+        self.max_shards = max(1, max_shards or 1 << 30)
         self._rescue_at = time.monotonic()
         self._ready: list[Outcome] = []
         self._first_pending_at: float | None = None
@@ -901,7 +933,7 @@ class DaskStats:
     workers: frozenset = frozenset()
 
     @classmethod
-    def of(cls, stats: dict) -> "DaskStats":
+    def of(cls, stats: dict) -> DaskStats:
         return cls(**{**stats, "workers": frozenset(stats["workers"])})
 
     def __getitem__(self, key: str):
