@@ -37,6 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+try:  # Linux only
+    from watchdog.observers.inotify import InotifyObserver
+except ImportError:
+    InotifyObserver = None
 
 log = logging.getLogger("streamcoadd.service.daemon")
 
@@ -63,164 +70,33 @@ def fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class _Hints(FileSystemEventHandler):
-    """watchdog handler: turns events into name hints. Never raises, never blocks."""
+class Hints(FileSystemEventHandler):
+    """watchdog handler: turns events into name hints for the inbox (a bounded list, under
+    a lock; overflow asks for a rescan instead). Never raises, never blocks."""
 
-    def __init__(self, inbox: Inbox):
+    def __init__(self, path: Path, max_hints: int, wake: threading.Event):
         super().__init__()
-        self._inbox = inbox
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        try:
-            self._inbox.hint(event)
-        except BaseException:  # noqa: BLE001 - an exception here would kill the observer
-            try:
-                self._inbox.handler_failed()
-            except BaseException:  # noqa: BLE001
-                pass
-
-
-class Inbox:
-    """Candidate warp files in one inbox directory.
-
-    Used from a single consumer thread (the daemon loop) except for the watchdog handler,
-    which only touches the hint list under ``_lock``.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, stable_seconds: float = 5.0,
-                 poll: float | None = None, reconcile_interval: float = 60.0,
-                 patterns=DEFAULT_PATTERNS, max_tracked: int = 10000, max_hints: int = 10000,
-                 wake: threading.Event | None = None):
-        self.path = Path(path).absolute()
-        self.stable_seconds = float(stable_seconds)
-        self.poll = poll if poll else None
-        self.reconcile_interval = float(reconcile_interval)
-        self.patterns = tuple(patterns)
-        self.max_tracked = max(1, int(max_tracked))
+        self.path = path
         self.max_hints = max(1, int(max_hints))
-        self.wake = wake or threading.Event()
-
+        self.wake = wake
+        self.errors = 0  # handler errors (each asked for a rescan)
+        self.dropped = 0  # hints dropped because the list was full
         self._lock = threading.Lock()
         self._hints: deque[tuple[str, bool]] = deque()  # (name, renamed_in)
         self._rescan = True  # the initial full scan
-        self._cands: dict[str, Candidate] = {}
-        self._n = {WAITING: 0, READY: 0, TAKEN: 0}
-        self._ready: deque[str] = deque()
-        self._seq = 0
-        self._last_scan = 0.0
-        self._backlog = False  # more files on disk than tracked
-        self._ignored_logged: set[str] = set()
-        self._holds: dict[str, float] = {}  # name -> monotonic time before which it is skipped
 
-        self.observer = None
-        self.observer_kind = "polling" if self.poll else "inotify"
-        self.observer_restarts = 0
-        self.handler_errors = 0
-        self.hints_dropped = 0
-        self.scans = 0
-        self.files_in_inbox = 0  # matching files seen by the last full scan
-        self._last_restart_try = 0.0
-        self._now = time.monotonic()
-        self.handler = _Hints(self)
-
-    # ------------------------------------------------------------------ observer
-    def _new_observer(self):
-        if self.poll:
-            from watchdog.observers.polling import PollingObserver
-            return PollingObserver(timeout=self.poll)
-        if sys.platform.startswith("linux"):
-            try:
-                from watchdog.observers.inotify import InotifyObserver
-                # full events: a file moved in from an unwatched directory is reported as a
-                # move (so: complete), not as a creation
-                return InotifyObserver(generate_full_events=True)
-            except (ImportError, TypeError):
-                pass
-        from watchdog.observers import Observer
-        return Observer()
-
-    def start(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._start_observer()
-
-    def _start_observer(self) -> None:
-        obs = self._new_observer()
-        obs.schedule(self.handler, str(self.path), recursive=False)
+    def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            obs.start()
-        except OSError as e:
-            if self.poll:
-                raise
-            # inotify exhausted (max_user_watches / instances): fall back to polling
-            log.warning("inotify observer failed (%s); falling back to polling every %.1f s",
-                        e, 2.0)
-            self.poll = 2.0
-            self.observer_kind = "polling (fallback)"
-            obs = self._new_observer()
-            obs.schedule(self.handler, str(self.path), recursive=False)
-            obs.start()
-        self.observer = obs
-
-    def observer_alive(self) -> bool:
-        obs = self.observer
-        if obs is None or not obs.is_alive():
-            return False
-        try:
-            return all(e.is_alive() for e in list(obs.emitters))
-        except Exception:  # noqa: BLE001
-            return obs.is_alive()
-
-    def observer_status(self) -> dict:
-        """The ``observer`` block of the daemon's status file."""
-        return {"kind": self.observer_kind, "alive": self.observer_alive(),
-                "restarts": self.observer_restarts, "handler_errors": self.handler_errors,
-                "hints_dropped": self.hints_dropped, "scans": self.scans}
-
-    def handler_failed(self) -> None:
-        """The watchdog handler raised (called from the observer's thread): count it and
-        rescan (the reconcile scan covers whatever the event was)."""
-        self.handler_errors += 1
-        log.exception("inbox event handler error (ignored; the reconcile scan covers it)")
-        self.request_rescan()
-
-    def ensure_alive(self) -> bool:
-        """Restart the observer if its thread (or an emitter) died. Returns True if it was
-        restarted. Missed events are covered by a full rescan."""
-        if self.observer_alive():
-            return False
-        now = time.monotonic()
-        if now - self._last_restart_try < 2.0:
-            return False
-        self._last_restart_try = now
-        log.warning("inbox observer is not running; restarting it and rescanning %s", self.path)
-        old = self.observer
-        if old is not None:
+            self._hint(event)
+        except BaseException:  # noqa: BLE001 - an exception here would kill the observer
             try:
-                old.stop()
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._start_observer()
-        except Exception as e:  # noqa: BLE001
-            log.error("could not restart the inbox observer: %s (scanning only, retrying)", e)
-            self.observer = None
-        self.observer_restarts += 1
-        self.request_rescan()
-        return True
-
-    def stop(self) -> None:
-        obs, self.observer = self.observer, None
-        if obs is not None:
-            try:
-                obs.stop()
-                obs.join(timeout=5)
-            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("inbox event handler error (ignored; the reconcile scan covers it)")
+                self.request_rescan()
+            except BaseException:  # noqa: BLE001
                 pass
 
-    # ------------------------------------------------------------------ hints (observer thread)
-    def hint(self, event: FileSystemEvent) -> None:
-        """A watchdog event (observer thread): note the file's name as a hint."""
+    def _hint(self, event: FileSystemEvent) -> None:
         if event.is_directory:
             return
         etype = event.event_type
@@ -236,7 +112,7 @@ class Inbox:
             return
         with self._lock:
             if len(self._hints) >= self.max_hints:
-                self.hints_dropped += 1
+                self.dropped += 1
                 self._rescan = True
             else:
                 self._hints.append((name, renamed))
@@ -256,6 +132,100 @@ class Inbox:
         with self._lock:
             self._rescan = True
         self.wake.set()
+
+    def drain(self) -> tuple[list[tuple[str, bool]], bool]:
+        """The hints since the last call ((name, renamed in)), and whether a full rescan
+        was asked for."""
+        with self._lock:
+            hints = list(self._hints)
+            self._hints.clear()
+            rescan, self._rescan = self._rescan, False
+        return hints, rescan
+
+
+class Inbox:
+    """Candidate warp files in one inbox directory.
+
+    Used from a single consumer thread (the daemon loop) except for the watchdog handler
+    (:class:`Hints`), which only touches its own hint list, under its lock.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, stable_seconds: float = 5.0,
+                 poll: float | None = None, reconcile_interval: float = 60.0,
+                 patterns=DEFAULT_PATTERNS, max_tracked: int = 10000, max_hints: int = 10000,
+                 wake: threading.Event | None = None):
+        self.path = Path(path).absolute()
+        self.stable_seconds = float(stable_seconds)
+        self.reconcile_interval = float(reconcile_interval)
+        self.patterns = tuple(patterns)
+        self.max_tracked = max(1, int(max_tracked))
+        self.wake = wake or threading.Event()
+
+        self._cands: dict[str, Candidate] = {}
+        self._n = {WAITING: 0, READY: 0, TAKEN: 0}
+        self._ready: deque[str] = deque()
+        self._seq = 0
+        self._last_scan = 0.0
+        self._backlog = False  # more files on disk than tracked
+        self._ignored_logged: set[str] = set()
+        self._holds: dict[str, float] = {}  # name -> monotonic time before which it is skipped
+
+        self.scans = 0
+        self.files_in_inbox = 0  # matching files seen by the last full scan
+        self._now = time.monotonic()
+        self.handler = Hints(self.path, max_hints, self.wake)
+        self.watcher = Watcher(self.path, self.handler, poll)
+
+    # ------------------------------------------------------------------ observer
+    def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.watcher.start()
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+    @property
+    def observer(self):
+        """The running watchdog observer (None when stopped)."""
+        return self.watcher.observer
+
+    @property
+    def observer_kind(self) -> str:
+        return self.watcher.kind
+
+    @property
+    def observer_restarts(self) -> int:
+        return self.watcher.restarts
+
+    def observer_alive(self) -> bool:
+        return self.watcher.alive()
+
+    def ensure_alive(self) -> bool:
+        """Restart the observer if its thread (or an emitter) died. Returns True if it was
+        restarted. Missed events are covered by a full rescan."""
+        if not self.watcher.restart_if_dead():
+            return False
+        self.request_rescan()
+        return True
+
+    def observer_status(self) -> dict:
+        """The ``observer`` block of the daemon's status file."""
+        return {"kind": self.observer_kind, "alive": self.observer_alive(),
+                "restarts": self.observer_restarts, "handler_errors": self.handler_errors,
+                "hints_dropped": self.hints_dropped, "scans": self.scans}
+
+    # ------------------------------------------------------------------ hints
+    @property
+    def handler_errors(self) -> int:
+        return self.handler.errors
+
+    @property
+    def hints_dropped(self) -> int:
+        return self.handler.dropped
+
+    def request_rescan(self) -> None:
+        """Scan the whole directory at the next ``refresh`` (events are only hints)."""
+        self.handler.request_rescan()
 
     # ------------------------------------------------------------------ selection
     def eligible(self, name: str) -> bool:
@@ -368,11 +338,7 @@ class Inbox:
         """Consume hints, rescan if due, and promote files that became stable."""
         now = time.monotonic() if now is None else now
         self._now = now
-        with self._lock:
-            hints = list(self._hints)
-            self._hints.clear()
-            rescan = self._rescan
-            self._rescan = False
+        hints, rescan = self.handler.drain()
         for name, renamed in hints:
             if self.eligible(name):
                 self._track(name, renamed)
@@ -467,3 +433,89 @@ class Inbox:
     def time_to_reconcile(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
         return max(0.0, self._last_scan + self.reconcile_interval - now)
+
+
+class Watcher:
+    """The watchdog observer of one directory: inotify where available (else watchdog's
+    default), polling when asked or when inotify is exhausted; restarted when it died."""
+
+    def __init__(self, path: Path, handler: FileSystemEventHandler, poll: float | None):
+        self.path = path
+        self.handler = handler
+        self.poll = poll if poll else None
+        self.kind = "polling" if self.poll else "inotify"
+        self.observer = None
+        self.restarts = 0
+        self._last_restart_try = 0.0
+
+    def _new_observer(self):
+        if self.poll:
+            return PollingObserver(timeout=self.poll)
+        if InotifyObserver is not None and sys.platform.startswith("linux"):
+            try:
+                # full events: a file moved in from an unwatched directory is reported as a
+                # move (so: complete), not as a creation
+                return InotifyObserver(generate_full_events=True)
+            except TypeError:  # a watchdog without generate_full_events
+                pass
+        return Observer()
+
+    def start(self) -> None:
+        obs = self._new_observer()
+        obs.schedule(self.handler, str(self.path), recursive=False)
+        try:
+            obs.start()
+        except OSError as e:
+            if self.poll:
+                raise
+            # inotify exhausted (max_user_watches / instances): fall back to polling
+            log.warning("inotify observer failed (%s); falling back to polling every %.1f s",
+                        e, 2.0)
+            self.poll = 2.0
+            self.kind = "polling (fallback)"
+            obs = self._new_observer()
+            obs.schedule(self.handler, str(self.path), recursive=False)
+            obs.start()
+        self.observer = obs
+
+    def alive(self) -> bool:
+        obs = self.observer
+        if obs is None or not obs.is_alive():
+            return False
+        try:
+            return all(e.is_alive() for e in list(obs.emitters))
+        except Exception:  # noqa: BLE001 - watchdog internals; the thread itself is alive
+            return obs.is_alive()
+
+    def restart_if_dead(self) -> bool:
+        """Restart a dead observer (at most every 2 s). True if it was restarted."""
+        if self.alive():
+            return False
+        now = time.monotonic()
+        if now - self._last_restart_try < 2.0:
+            return False
+        self._last_restart_try = now
+        log.warning("inbox observer is not running; restarting it and rescanning %s", self.path)
+        old = self.observer
+        if old is not None:
+            try:
+                old.stop()
+            except Exception:  # noqa: BLE001 - replacing it anyway
+                pass
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.start()
+        except Exception as e:  # noqa: BLE001
+            log.error("could not restart the inbox observer: %s (scanning only, retrying)", e)
+            self.observer = None
+        self.restarts += 1
+        return True
+
+    def stop(self) -> None:
+        obs, self.observer = self.observer, None
+        if obs is not None:
+            try:
+                obs.stop()
+                obs.join(timeout=5)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass

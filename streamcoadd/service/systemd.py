@@ -1,4 +1,6 @@
-"""TODO docstring (service.systemd, split from daemon.py)."""
+"""systemd integration of the daemon (``Type=notify``, ``WatchdogSec=``): ``READY=1`` once
+watching, ``WATCHDOG=1`` pings at half the watchdog period, ``STATUS=`` and ``STOPPING=1``.
+A no-op where ``NOTIFY_SOCKET`` is not set."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class SdNotify:
         self._last = 0.0
 
     def send(self, msg: str) -> None:
+        """Send one notification (e.g. ``"READY=1"``); never blocks, never raises."""
         if self.sock is not None:
             try:
                 self.sock.send(msg.encode())
@@ -36,6 +39,7 @@ class SdNotify:
                 pass
 
     def ping(self) -> None:
+        """``WATCHDOG=1``, at most every half watchdog period (``watchdog``, s)."""
         if self.watchdog and time.monotonic() - self._last >= self.watchdog:
             self._last = time.monotonic()
             self.send("WATCHDOG=1")
