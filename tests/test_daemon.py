@@ -547,7 +547,7 @@ def test_daemon_with_restart_equals_batch(area, daemons, tmp_path):
     """Warps arriving in random order across a SIGTERM and a kill -9 give the same coadd, to
     round-off, as a batch ingest of the same files in sorted order."""
     from streamcoadd.core.config import RunConfig
-    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.pipeline.ingest import LocalIngestor
     from streamcoadd.store.state import StateStore
 
     state, inbox, tmp = area
@@ -568,7 +568,7 @@ def test_daemon_with_restart_equals_batch(area, daemons, tmp_path):
     # batch reference
     ref = make_state(tmp_path / "ref")
     with StateStore.open(ref, write=True) as store:
-        ing = Ingestor(store, RunConfig(commit_every=1000))
+        ing = LocalIngestor(store, RunConfig(commit_every=1000))
         for f in sorted(src.iterdir()):
             assert ing.submit(f).status == "pending"
         ing.commit()
