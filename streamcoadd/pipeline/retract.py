@@ -28,16 +28,14 @@ from pathlib import Path
 from streamcoadd.core.errors import UserError, WarpRejected
 from streamcoadd.core.fold import (
     CellAccumulator,
-    cell_input,
     fold_cell,
     needs_rebuild,
-    prepare_warp,
     unfold_cell,
 )
 from streamcoadd.core.skymap import CellId
 from streamcoadd.core.warp import file_hash
 from streamcoadd.io.warp_reader import read_bytes
-from streamcoadd.io.warp_reader import read_warp
+from streamcoadd.pipeline.source import RoutedWarp, load_warp
 from streamcoadd.store.ledger import WarpRecord
 from streamcoadd.store.state import Shard, StateStore
 
@@ -100,23 +98,22 @@ def _retract_one(store: StateStore, rec: WarpRecord, path: Path, files: list[Pat
     the results in the store and commit. Nothing in the store changes before every file a
     rebuild needs has been found."""
     fold = store.fold
-    warp = read_warp(path, store.skymap, fold.bad_planes, fold.noise_realizations)
-    # the stored weight, not recomputed (nor checked again)
-    pw = prepare_warp(warp, fold, weight=rec.weight, check_weight=False)
-    tract_ = store.skymap.tract(rec.tract)
+    # the stored weight, not recomputed (nor checked again); routed as at fold time
+    routed = load_stored(store, path, rec.content_hash, rec.weight)
+    pw = routed.prepared
     # by cell (the band is the warp's): the new accumulator, None if not a contributor
     results: dict[CellId, CellAccumulator | None] = {}
     rebuild: dict[CellId, set[str]] = {}  # cells to rebuild -> their remaining inputs
     shards: list[Shard] = []
     shard_of: dict[CellId, Shard] = {}
-    for patch in tract_.patches_overlapping(warp.box):
+    for patch, inputs in routed.inputs.items():
         shard = store.shard(patch, rec.band)
         if rec.content_hash not in shard.warps:
             continue
         shards.append(shard)
-        for cell in tract_.cells_overlapping(patch, warp.box):
-            cin = cell_input(pw, tract_, cell, fold)
-            if cin is None or (cell.x, cell.y) not in shard.cell_gens:
+        for cin in inputs:
+            cell = cin.cell
+            if (cell.x, cell.y) not in shard.cell_gens:
                 continue
             shard_of[cell] = shard
             new = copy.deepcopy(store.cell_for_write(shard, cell))
@@ -165,21 +162,25 @@ def _rebuild_cells(store: StateStore, rec: WarpRecord, rebuild: dict, results: d
     old_rows = {(key, c.content_hash): c for key in rebuild
                 for g in results[key].groups.values() for c in g.contributors}
     for h in needed:
-        r = records[h]
-        warp = read_warp(paths[h], store.skymap, fold.bad_planes, fold.noise_realizations)
-        pw = prepare_warp(warp, fold, weight=old_weight(old_rows, h), check_weight=False)
-        tract_ = store.skymap.tract(r.tract)
-        for key, hashes in rebuild.items():
-            if h not in hashes:
-                continue
-            cin = cell_input(pw, tract_, key, fold)
-            if cin is not None:
-                fold_cell(fresh[key], cin, pw, fold)
+        routed = load_stored(store, paths[h], h, old_weight(old_rows, h))
+        for cin in (c for inputs in routed.inputs.values() for c in inputs):
+            if h in rebuild.get(cin.cell, ()):
+                fold_cell(fresh[cin.cell], cin, routed.prepared, fold)
     for key, acc in fresh.items():
         for g in acc.groups.values():  # keep the original fold times
             for c in g.contributors:
                 c.folded_at = old_rows[(key, c.content_hash)].folded_at
         results[key] = acc
+
+
+def load_stored(store: StateStore, path: Path, content_hash: str, weight: float) -> RoutedWarp:
+    """A folded warp loaded again through the pipeline's one source, with the weight
+    stored at fold time; its routing is the fold's (same overlap rule, same cells)."""
+    routed = load_warp(str(path), store.skymap, store.fold, expect_hash=content_hash,
+                       weight=weight)
+    if routed.rejection is not None:
+        raise UserError(f"cannot retract: {routed.rejection}")
+    return routed
 
 
 def old_weight(rows: dict, content_hash: str) -> float:

@@ -159,6 +159,7 @@ def _prepare(warp, fold: FoldConfig, weight: float | None,
              aux: ThreadPoolExecutor | None) -> PreparedWarp:
     """prepare_warp, consuming the warp's arrays, with the weight computed on ``aux``."""
     weighing = None
+    given = weight is not None  # the stored weight of a warp already folded (retraction)
     if weight is None:
         weight = warp.weight_override
     if weight is None:
@@ -168,7 +169,8 @@ def _prepare(warp, fold: FoldConfig, weight: float | None,
         else:
             weight = weight_from_variances(var, warp.path)
         del var
-    prepared = prepare_warp(warp, fold, consume=True, weight=float("nan"))
+    prepared = prepare_warp(warp, fold, consume=True, weight=float("nan"),
+                            check_weight=not given)
     prepared.weight = weighing.result() if weighing is not None else weight
     return prepared
 
