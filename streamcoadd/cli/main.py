@@ -20,6 +20,7 @@ from streamcoadd.cli import (
     finalize,
     ingest,
     init,
+    migrate,
     plot,
     retract,
     simulate,
@@ -40,8 +41,7 @@ EXIT_BUG = 70
 
 # The subcommands, in the order of ``streamcoadd --help``. Each module has
 # ``register(subparsers)``, which adds its parser and sets ``func``.
-# (``migrate``: add its module here when it lands.)
-COMMANDS = (init, ingest, retract, finalize, status, simulate, watch, verify, plot)
+COMMANDS = (init, ingest, retract, finalize, status, simulate, watch, verify, plot, migrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from streamcoadd.store.migrate import migrate_state
+from streamcoadd.store.migrate import MigrationStatus, migrate_state
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -12,7 +12,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     either format that 'streamcoadd verify' accepts; run the command again to finish."""
     progress = None if args.quiet else (lambda line: print(f"  {line}"))
     r = migrate_state(args.state, progress=progress)
-    if r.status == "already":
+    if r.status is MigrationStatus.ALREADY:
         print(f"{args.state}: already state format 2 (nothing to do)")
     else:
         print(f"{args.state}: migrated to state format 2: {r.shards} shard(s), {r.cells} "

@@ -22,6 +22,12 @@ from streamcoadd.service.logs import event, log, utcnow
 from streamcoadd.service.pause import WritePause, is_write_error
 from streamcoadd.service.stats import DaemonStats, WarpEvent
 from streamcoadd.store import durable
+from streamcoadd.store.durable import (
+    atomic_write_text,
+    fsync_dir_quietly,
+    tmp_sibling,
+    unlink_quietly,
+)
 from streamcoadd.store.status_file import pid_alive
 
 # temporary files the daemon writes in done/ and rejected/: .NAME.PID.tmp
@@ -29,47 +35,6 @@ _TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
 # ---------------------------------------------------------------------------- file helpers
-def fsync_dir_quietly(path: Path) -> None:
-    """``durable.fsync_dir``, ignoring errors: the daemon's directory syncs are best effort
-    (a file is never removed from the inbox before the state holds it durably)."""
-    try:
-        durable.fsync_dir(path)
-    except OSError:
-        pass
-
-
-def unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def tmp_sibling(path: Path) -> Path:
-    """``.NAME.PID.tmp`` beside ``path`` (the pattern :func:`clean_stale_tmp` removes)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write_text(path: Path, text: str, fsync_dir: bool = False) -> None:
-    """tmp + fsync + rename: a reader sees the old file or the new one, never a torn one.
-
-    Unlike ``durable.write_atomic`` the temporary file is hidden and carries the PID (so
-    a killed daemon's debris is recognisable) and is removed when the write fails (a
-    partial file must not stay on a full disk); the directory sync is optional."""
-    tmp = tmp_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    if fsync_dir:
-        fsync_dir_quietly(path.parent)
-
-
 def move(src: Path, dst: Path) -> None:
     """Rename; across filesystems copy + fsync + rename + unlink."""
     try:

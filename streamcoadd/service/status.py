@@ -10,7 +10,7 @@ from pathlib import Path
 
 from streamcoadd.service.logs import log
 from streamcoadd.service.metrics import prometheus_text
-from streamcoadd.service.quarantine import atomic_write_text
+from streamcoadd.store.durable import atomic_write_text
 
 ERROR_LOG_INTERVAL = 60.0  # s: a status file that cannot be written is logged this often
 

@@ -77,3 +77,45 @@ def write_atomic(path: str | Path, data: bytes, crash_name: str | None = None) -
         crash_point(crash_name + "-tmp-written")
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def fsync_dir_quietly(path: Path) -> None:
+    """:func:`fsync_dir`, ignoring errors: for best-effort syncs (the daemon's done/ and
+    rejected/; a file never leaves the inbox before the state holds it durably)."""
+    try:
+        fsync_dir(path)
+    except OSError:
+        pass
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def tmp_sibling(path: Path) -> Path:
+    """``.NAME.PID.tmp`` beside ``path``: hidden, and a killed writer's debris is
+    recognisable by its PID (the daemon's ``clean_stale_tmp`` removes such files)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_text(path: Path, text: str, fsync_dir: bool = False) -> None:
+    """tmp + fsync + rename: a reader sees the old file or the new one, never a torn one.
+
+    Unlike :func:`write_atomic` the temporary file is hidden and carries the PID (so
+    a killed daemon's debris is recognisable) and is removed when the write fails (a
+    partial file must not stay on a full disk); the directory sync is optional."""
+    tmp = tmp_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    if fsync_dir:
+        fsync_dir_quietly(path.parent)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 from streamcoadd.core.errors import StateError
@@ -46,12 +47,19 @@ from streamcoadd.store.state import (
 )
 
 
+class MigrationStatus(str, Enum):
+    """``MIGRATED``: converted now; ``ALREADY``: the state was format 2 (leftovers of an
+    interrupted migration were removed, if any)."""
+
+    MIGRATED = "migrated"
+    ALREADY = "already"
+
+
 @dataclass(frozen=True)
 class MigrationResult:
-    """What :func:`migrate_state` did. ``status``: ``migrated``, ``already`` (the state
-    was version 2; leftovers of an interrupted migration were removed, if any)."""
+    """What :func:`migrate_state` did."""
 
-    status: str
+    status: MigrationStatus
     shards: int = 0
     cells: int = 0
     counted_cells: int = 0  # cells whose integer counts are exact (all inputs full)
@@ -69,7 +77,7 @@ def migrate_state(path: str | Path,
         meta = read_state_meta(root)  # (again, under the lock)
         if meta.version == fmt.STATE_VERSION:
             _remove_tree(root / fmt.SHARDS if meta.shards != fmt.SHARDS else None)
-            return MigrationResult("already")
+            return MigrationResult(MigrationStatus.ALREADY)
         new_root = root / fmt.MIGRATION_DIR
         _remove_tree(new_root)
         shards = cells = counted = 0
@@ -87,7 +95,7 @@ def migrate_state(path: str | Path,
         write_atomic(root / fmt.STATE_JSON, new_meta.serialize(), "migrate-state-json")
         crash_point("migrate-switched")
         _remove_tree(old_root)
-        return MigrationResult("migrated", shards, cells, counted)
+        return MigrationResult(MigrationStatus.MIGRATED, shards, cells, counted)
     finally:
         release_writer_lock(lock)
 
