@@ -389,8 +389,8 @@ class DistributedIngestor:
 
     Work goes out when a waiting shard has ``batch`` warps queued (default
     ``run.commit_every``), or on ``commit``: then all the waiting shards of that shard's
-    home worker go as one task (at most ``max_shards`` of them, from ``run.cache_gb``),
-    each with up to ``max_batch`` (default 4 x ``batch``) warps. A shard's queue grows while
+    home worker go as one task (at most ``max_shards`` of them, default all; the worker
+    commits whenever its uncommitted cells reach ``run.cache_gb``), each with up to ``max_batch`` (default 4 x ``batch``) warps. A shard's queue grows while
     it is in a task, which amortizes its next commit.
     """
 
@@ -612,11 +612,14 @@ class DistributedIngestor:
                 free[w] -= 1
 
     def _spatial_home(self, key: ShardKey, workers: list[str]) -> str:
-        """A first home for a shard: the tract's patch grid cut into one contiguous block
-        of patches per worker (column by column)."""
+        """A first home for a shard: the tract's patch grid cut into one contiguous,
+        near-square block of patches per worker. A warp crossing a block boundary is read
+        and prepared on both sides: square blocks have the least boundary per area
+        (columns of one patch would make every detector warp cross one)."""
         t, x, y, _ = key
         nx, ny = self.store.skymap.tract(t).num_patches
-        return workers[(x * ny + y) * len(workers) // (nx * ny)]
+        bx, by = block_grid(len(workers), nx, ny)
+        return workers[(x * bx // nx) * by + y * by // ny]
 
     def _send(self, keys: list[ShardKey], worker: str | None) -> None:
         groups = []
@@ -824,6 +827,14 @@ class DistributedIngestor:
 
 
 # =============================================================================== clusters
+
+def block_grid(n: int, nx: int, ny: int) -> tuple[int, int]:
+    """(bx, by) with bx * by == n blocks over an nx x ny patch grid, the blocks as square as
+    possible (least total boundary: the sum of the block sides nx / bx + ny / by smallest)."""
+    return min(((d, n // d) for d in range(1, n + 1) if n % d == 0),
+               key=lambda b: (max(nx / b[0], ny / b[1]) / min(nx / b[0], ny / b[1]),
+                              b[0] * ny + b[1] * nx))
+
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
