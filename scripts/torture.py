@@ -220,9 +220,8 @@ def _cells(state: Path) -> dict:
     out = {}
     with StateStore.open(state, write=False) as st:
         for patch, band in st.shard_keys():
-            m = st.read_manifest(patch, band)
-            for key in m["cells"]:
-                cx, cy = (int(v) for v in key.split("-"))
+            m = st.load_manifest(patch, band)
+            for cx, cy in m.cells:
                 from streamcoadd.core.skymap import CellId
 
                 acc, _ = st.read_cell(CellId(patch, cx, cy), band)

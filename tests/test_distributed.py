@@ -123,11 +123,10 @@ def snapshot(root: Path) -> dict:
     out = {}
     with StateStore.open(root) as st:
         for patch, band in st.shard_keys():
-            m = st.read_manifest(patch, band)
-            for k in m["cells"]:
-                cx, cy = (int(v) for v in k.split("-"))
-                out[(patch, band, k)] = st.read_cell(CellId(patch, cx, cy), band)[0]
-            out[(patch, band, "warps")] = set(m["warps"])
+            m = st.load_manifest(patch, band)
+            for cx, cy in m.cells:
+                out[(patch, band, (cx, cy))] = st.read_cell(CellId(patch, cx, cy), band)[0]
+            out[(patch, band, "warps")] = set(m.warps)
         ledger = {w.content_hash: (w.status, w.n_cells, round(w.weight, 9), Path(w.path).name)
                   for w in st.ledger.warps()}
         rejections = sorted(Path(p).name for p, _, _ in st.ledger.rejections())
@@ -279,9 +278,8 @@ def test_task_rerun_is_noop(client, warps, reference, tmp_path):
     folded = [sum(x["status"] == "folded" for x in r["results"]) for r in res]
     assert sorted(folded)[0] == 0 and sorted(folded)[1] > 0
     with StateStore.open(fresh) as st:
-        m = st.read_manifest(PatchId(0, 0, 0), "r")
-        for cell in m["cells"]:
-            cx, cy = (int(v) for v in cell.split("-"))
+        m = st.load_manifest(PatchId(0, 0, 0), "r")
+        for cx, cy in m.cells:
             acc, _ = st.read_cell(CellId(PatchId(0, 0, 0), cx, cy), "r")
             hashes = [c.content_hash for g in acc.groups.values() for c in g.contributors]
             assert len(hashes) == len(set(hashes))  # nobody twice in a cell
@@ -446,8 +444,8 @@ def test_concurrent_copies_conflict_and_retry(warps, reference, tmp_path, monkey
     assert [x["status"] for x in res[1]["results"]] == ["present"] * 2 + ["no_cells"] + ["present"] * 2
     assert [x["cells"] for x in res[0]["results"]] == [x["cells"] for x in res[1]["results"]]
     with StateStore.open(state) as st:
-        m = st.read_manifest(PatchId(0, 0, 0), "r")
-        assert m["commit"] == 1 and set(m["warps"]) == {h for k, (_, h) in zip(names, items)
+        m = st.load_manifest(PatchId(0, 0, 0), "r")
+        assert m.commit == 1 and set(m.warps) == {h for k, (_, h) in zip(names, items)
                                                         if k != "d4"}
 
 

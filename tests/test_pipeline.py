@@ -219,8 +219,7 @@ def test_identity_held_by_a_half_committed_warp(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr
     with StateStore.open(st, write=True) as store:
-        held = [pt for pt, band in store.shard_keys()
-                if (store.read_manifest(pt, band) or {}).get("warps")]
+        held = [pt for pt, band in store.shard_keys() if store.load_manifest(pt, band).warps]
         assert len(held) == 1  # one shard committed A, the other not; no ledger row
         assert not store.ledger.warps()
         with LocalIngestor(store) as ing:
@@ -230,7 +229,7 @@ def test_identity_held_by_a_half_committed_warp(tmp_path):
             oa = ing.submit(a)
             assert oa.status == OutcomeStatus.PENDING
             assert [o.status for o in ing.commit()] == [OutcomeStatus.FOLDED]
-        m = {pt: set((store.read_manifest(pt, "r") or {}).get("warps", {}))
+        m = {pt: set(store.load_manifest(pt, "r").warps)
              for pt in (PatchId(0, 0, 0), PatchId(0, 1, 0))}
         assert m[PatchId(0, 0, 0)] == m[PatchId(0, 1, 0)] == {oa.content_hash}
         # and B stays refused, now by the ledger

@@ -50,9 +50,9 @@ def _shard_row(st, patch, band: str, depth: bool) -> dict:
     m = pv.manifest
     n = pv.shape[0]
     row = {"tract": patch.tract, "patch": [patch.x, patch.y], "band": band,
-           "cells_populated": len(m["cells"]), "cells_total": n * n,
-           "warps": len(m["warps"]), "commits": m.get("commit", 0),
-           "updated": m.get("updated")}
+           "cells_populated": len(m.cells) if m else 0, "cells_total": n * n,
+           "warps": len(m.warps) if m else 0, "commits": m.commit if m else 0,
+           "updated": m.updated if m else None}
     if depth:
         d = pv.depth_map()
         populated = d[d > 0]

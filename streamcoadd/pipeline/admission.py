@@ -69,14 +69,6 @@ def shard_verdict(shard: Shard, warp_id: WarpId, band: str, content_hash: str) -
     return ShardVerdict.FOLD
 
 
-def _manifest_warps(manifest) -> dict:
-    """hash -> (visit, detector) of a manifest (a dict today; a typed manifest later)."""
-    if manifest is None:
-        return {}
-    warps = manifest.get("warps", {}) if isinstance(manifest, dict) else manifest.warps
-    return {h: (int(v[0]), int(v[1])) for h, v in warps.items()}
-
-
 class Admission:
     """The admission rules of one ingest run, with its uncommitted batch.
 
@@ -168,7 +160,8 @@ class Admission:
             ids: dict[WarpId, set[str]] = {}
             store = self._store
             for patch, band in store.shard_keys():
-                for h, (v, d) in _manifest_warps(store.read_manifest(patch, band)).items():
+                manifest = store.load_manifest(patch, band)
+                for h, (v, d) in (manifest.warps if manifest else {}).items():
                     ids.setdefault(WarpId(patch.tract, v, d), set()).add(h)
             self._shard_ids = ids
         return self._shard_ids

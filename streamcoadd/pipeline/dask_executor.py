@@ -122,8 +122,8 @@ def _fresh_shard(store, patch: PatchId, band: str):
     shard since (manifest commit counter unchanged) and it holds no uncommitted work."""
     cached = cached_shard(store, patch, band)
     if cached is not None:
-        manifest = store.read_manifest(patch, band)
-        on_disk = int(manifest["commit"]) if manifest else 0
+        manifest = store.load_manifest(patch, band)
+        on_disk = manifest.commit if manifest else 0
         if on_disk != cached.commit or cached.changed:
             forget_shard(store, patch, band)
             cached = None

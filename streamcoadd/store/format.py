@@ -157,14 +157,6 @@ class Manifest:
     def generation(self, cx: int, cy: int) -> int | None:
         return self.cells.get((cx, cy))
 
-    # Transitional: the JSON dict's keys, for callers not yet using the attributes
-    # (cli/status.py); remove once none is left.
-    def __getitem__(self, key: str):
-        return json.loads(self.serialize())[key]
-
-    def get(self, key: str, default=None):
-        return json.loads(self.serialize()).get(key, default)
-
 
 @dataclass(frozen=True)
 class StateMeta:

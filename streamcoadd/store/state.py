@@ -28,7 +28,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamcoadd.core.config import FoldConfig
@@ -42,10 +41,15 @@ from streamcoadd.core.fold import CellAccumulator
 from streamcoadd.core.skymap import CellId, PatchId, SkyMap, skymap_from_dict
 from streamcoadd.store import format as fmt
 from streamcoadd.store.cellfile import (
-    encoded_contributors,
     read_cell_file,
     write_cell_file,
     write_cells_parallel,
+)
+from streamcoadd.store.commit import (
+    ShardPlan,
+    finish_shard_commit,
+    plan_shard_commit,
+    remove_debris,
 )
 from streamcoadd.store.durable import (
     crash_point,
@@ -54,6 +58,7 @@ from streamcoadd.store.durable import (
     write_atomic,
 )
 from streamcoadd.store.ledger import Ledger
+from streamcoadd.store.shard import Shard
 
 STATE_FORMAT = fmt.STATE_FORMAT
 STATE_VERSION = fmt.STATE_VERSION
@@ -67,64 +72,6 @@ class StateLocked(UserError):
 
 class ShardConflict(RuntimeError):
     """Another writer committed the shard since it was loaded (shard-locking mode)."""
-
-
-@dataclass
-class Shard:
-    """One (patch, band): its committed manifest and the cells held in memory."""
-
-    patch: PatchId
-    band: str
-    directory: Path
-    commit: int = 0
-    cell_gens: dict[tuple[int, int], int] = field(default_factory=dict)
-    warps: dict[str, tuple[int, int]] = field(default_factory=dict)  # hash -> (visit, det)
-    cells: dict[CellId, CellAccumulator] = field(default_factory=dict)
-    dirty: set[CellId] = field(default_factory=set)
-    pending_warps: dict[str, tuple[int, int]] = field(default_factory=dict)
-    removed_warps: set[str] = field(default_factory=set)  # retracted in this commit
-    last_used: float = 0.0
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.dirty or self.pending_warps or self.removed_warps)
-
-    def add_pending(self, content_hash: str, visit: int, detector: int) -> None:
-        """A warp folded into this shard in memory: the next commit lists its hash."""
-        self.pending_warps[content_hash] = (visit, detector)
-
-    def replace_cell(self, cell: CellId, acc: CellAccumulator) -> None:
-        """Put ``acc`` in place of the cell's accumulator; the next commit writes it."""
-        self.cells[cell] = acc
-        self.dirty.add(cell)
-
-    def unchanged(self, cell: CellId) -> None:
-        """The cell was loaded for writing but is not changed: the commit skips it."""
-        self.dirty.discard(cell)
-
-    def remove_warp(self, content_hash: str) -> None:
-        """A warp retracted from this shard in memory: the next commit drops its hash."""
-        self.pending_warps.pop(content_hash, None)
-        self.removed_warps.add(content_hash)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cells.values())
-
-    @property
-    def dirty_bytes(self) -> int:
-        return sum(self.cells[c].nbytes for c in self.dirty)
-
-
-@dataclass
-class _ShardPlan:
-    """What one shard's commit writes: ``jobs`` are :func:`write_cell_file` arguments."""
-
-    gen: int
-    cell_gens: dict[tuple[int, int], int]
-    jobs: list[tuple] = field(default_factory=list)
-    superseded: list[Path] = field(default_factory=list)
-    emptied: list[CellId] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -221,9 +168,6 @@ class StateStore:
         _band_dirname(band)
         return self.shards_root / fmt.shard_relpath(patch.tract, patch.x, patch.y, band)
 
-    @staticmethod
-    def cell_filename(cell: CellId, gen: int) -> str:
-        return fmt.cell_filename(cell.x, cell.y, gen)
 
     def cell_path(self, cell: CellId, band: str, gen: int) -> Path:
         """The file of generation ``gen`` of ``cell`` in ``band``."""
@@ -251,15 +195,6 @@ class StateStore:
             raise StateError(f"{path}: version {m.version} in a version {self.version} "
                              "state; run 'streamcoadd verify'")
         return m
-
-    def read_manifest(self, patch: PatchId, band: str) -> dict | None:
-        """Deprecated: the manifest as its JSON dict; use :meth:`load_manifest`."""
-        m = self.load_manifest(patch, band)
-        if m is None:
-            return None
-        import json  # (only for this transitional dict view)
-
-        return json.loads(m.serialize())
 
     def read_current(self, cell: CellId, band: str, gen: int | None,
                      read: Callable[[Path], object]) -> tuple[int, object] | None:
@@ -327,18 +262,8 @@ class StateStore:
         return removed
 
     def _recover_shard(self, patch: PatchId, band: str) -> list[Path]:
-        d = self.shard_dir(patch, band)
         manifest = self.load_manifest(patch, band)
-        live = set() if manifest is None else {
-            fmt.cell_filename(x, y, g) for (x, y), g in manifest.cells.items()}
-        removed = []
-        for f in list(d.iterdir()):
-            if (fmt.CELL_RE.match(f.name) or f.name.endswith(fmt.TMP_SUFFIX)) \
-                    and f.name not in live:
-                f.unlink()
-                removed.append(f)
-                crash_point("debris-removed")
-        return removed
+        return remove_debris(self.shard_dir(patch, band), manifest)
 
     def shard(self, patch: PatchId, band: str) -> Shard:
         key = (patch, band)
@@ -376,7 +301,7 @@ class StateStore:
                 tract = self.skymap.tract(cell.patch.tract)
                 acc = CellAccumulator(cell=cell, outer=tract.cell_outer_box(cell))
             else:
-                acc, _ = read_cell_file(shard.directory / self.cell_filename(cell, gen))
+                acc, _ = read_cell_file(self.cell_path(cell, shard.band, gen))
             shard.cells[cell] = acc
         shard.dirty.add(cell)
         return acc
@@ -451,59 +376,11 @@ class StateStore:
             write_cell_file(*job)
         self._finish_shard(shard, plan)
 
-    def _plan_shard(self, shard: Shard) -> _ShardPlan:
-        """The cell files a commit of ``shard`` writes (new generation ``commit + 1``)."""
-        d = shard.directory
-        makedirs_durable(d)  # a new shard's directory entry must survive a power cut
-        gen = shard.commit + 1
-        tract = self.skymap.tract(shard.patch.tract)
-        plan = _ShardPlan(gen=gen, cell_gens=dict(shard.cell_gens))
-        for cell in sorted(shard.dirty):
-            acc = shard.cells[cell]
-            key = (cell.x, cell.y)
-            if key in plan.cell_gens:
-                plan.superseded.append(d / self.cell_filename(cell, plan.cell_gens[key]))
-            if acc.groups:
-                for sums in acc.groups.values():  # (in this process: see cellfile)
-                    encoded_contributors(sums)
-                path = d / self.cell_filename(cell, gen)
-                plan.jobs.append((path, acc, shard.band, gen, tract.cell_inner_box(cell)))
-                plan.cell_gens[key] = gen
-            else:  # emptied by a retraction
-                plan.cell_gens.pop(key, None)
-                plan.emptied.append(cell)
-        return plan
+    def _plan_shard(self, shard: Shard) -> ShardPlan:
+        return plan_shard_commit(shard, self.skymap.tract(shard.patch.tract))
 
-    def _finish_shard(self, shard: Shard, plan: _ShardPlan) -> None:
-        """After the plan's cell files are durable: the manifest (the commit point), then
-        the superseded generations go."""
-        d = shard.directory
-        self.bytes_written += sum(job[0].stat().st_size for job in plan.jobs)
-        fsync_dir(d)
-        crash_point("cells-durable")
-        warps = {h: v for h, v in {**shard.warps, **shard.pending_warps}.items()
-                 if h not in shard.removed_warps}
-        manifest = fmt.Manifest(
-            tract=shard.patch.tract, patch=(shard.patch.x, shard.patch.y), band=shard.band,
-            commit=plan.gen, updated=time.time(), cells=plan.cell_gens, warps=warps)
-        blob = manifest.serialize()
-        write_atomic(d / fmt.MANIFEST, blob, "manifest")
-        self.bytes_written += len(blob)
-        crash_point("manifest-committed")
-        shard.commit, shard.cell_gens, shard.warps = plan.gen, plan.cell_gens, warps
-        # Emptied cells leave memory only now: had the manifest write failed, ``dirty``
-        # would still name them and the next commit would write them again.
-        for cell in plan.emptied:
-            shard.cells.pop(cell, None)
-        shard.dirty.clear()
-        shard.pending_warps = {}
-        shard.removed_warps = set()
-        for f in plan.superseded:
-            try:
-                f.unlink()
-            except FileNotFoundError:
-                pass
-            crash_point("old-generation-deleted")
+    def _finish_shard(self, shard: Shard, plan: ShardPlan) -> None:
+        self.bytes_written += finish_shard_commit(shard, plan)
 
     def trim_cache(self, limit: int) -> None:
         """Drop clean cells of the least recently used shards until under ``limit`` bytes."""
