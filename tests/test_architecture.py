@@ -19,9 +19,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "streamcoadd"
-# Imported lazily on purpose: optional extras, or heavy modules a command may never need.
-LAZY_OK = ("galsim", "matplotlib", "dask", "distributed", "lsst", "numba", "tqdm", "scipy",
-           "astropy", "resource", "traceback", "streamcoadd.analysis.reader")
+# Imported lazily on purpose: the optional extras (GalSim, matplotlib, Dask, lsst, tqdm),
+# and heavy sub-packages a command may never touch (each costs 0.1 - 0.3 s of start-up
+# over numpy + h5py + astropy.io.fits, measured; the daemon and ingest never need them).
+LAZY_OK = ("galsim", "matplotlib", "dask", "distributed", "lsst", "tqdm",
+           "astropy.coordinates", "astropy.nddata", "astropy.table", "astropy.visualization",
+           "astropy.time", "astropy.units", "astropy.stats", "scipy.spatial", "scipy.ndimage",
+           "scipy")
+# The package's own lazy attribute: ``streamcoadd.open_state`` loads the reader API on
+# first use, so that ``import streamcoadd`` stays cheap for the writers.
+LAZY_OK_IN = {("streamcoadd/__init__.py", "streamcoadd.analysis")}
 MAX_CLASS_LINES = 300
 
 
@@ -78,7 +85,8 @@ def test_imports_inside_functions_only_for_optional_dependencies():
                 else:
                     continue
                 for name in names:
-                    if not name.startswith(LAZY_OK):
+                    where = (str(path.relative_to(ROOT)), name)
+                    if not name.startswith(LAZY_OK) and where not in LAZY_OK_IN:
                         bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert not bad, "imports inside functions (not an optional dependency):\n" + "\n".join(bad)
 

@@ -51,6 +51,7 @@ from streamcoadd.core.skymap import Box, CellId, PatchId
 from streamcoadd.store.cellfile import count_inputs, read_cell_file, read_cell_summary
 from streamcoadd.store.format import Manifest, contributors_table
 from streamcoadd.store.state import StateStore
+from streamcoadd.store.status_file import read_status
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 AB_ZERO_NJY = 3631e9  # nJy of an AB magnitude 0 source
@@ -623,8 +624,6 @@ def writer_holds_lock(root: str | Path) -> bool:
         with open("/proc/locks") as f:
             return any("FLOCK" in line and key in line.split() for line in f)
     except OSError:
-        from streamcoadd.store.status_file import read_status
-
         d = read_status(root)
         return bool(d and d.get("running"))
 

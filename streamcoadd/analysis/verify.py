@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from streamcoadd.core.skymap import skymap_from_dict
 from streamcoadd.store import format as fmt
 from streamcoadd.store.cellfile import read_cell_file
 from streamcoadd.store.ledger import LedgerUnreadable, check_integrity
+from streamcoadd.store.state import StateStore
 
 CELL_RE = fmt.CELL_RE
 
@@ -90,8 +92,6 @@ class _Checker:
             return self.problems
         self.meta = meta
         try:
-            from streamcoadd.core.skymap import skymap_from_dict
-
             self.skymap = skymap_from_dict(meta.skymap, str(sj))
         except Exception as e:  # noqa: BLE001
             self.add("error", "state-json-unreadable", sj, f"bad skymap: {e}",
@@ -391,8 +391,6 @@ def repair(path) -> list[Path]:
     """Remove debris as a writer does on opening (takes the writer lock, so no writer is
     running), plus leftover ``*.tmp`` files of atomic writes in the state directory itself.
     Returns the files removed."""
-    from streamcoadd.store.state import StateStore
-
     debris = [Path(p.path) for p in verify_state(path) if p.kind == "debris"]
     with StateStore.open(path, write=True):  # runs recover()
         for tmp in Path(path).glob(f"*{fmt.TMP_SUFFIX}"):

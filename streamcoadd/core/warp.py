@@ -1,4 +1,5 @@
-"""TODO docstring (core.warp, split from warp.py)."""
+"""A validated warp as values: its identity (:class:`WarpId`), PSF model (:class:`PsfModel`)
+and planes (:class:`Warp`); made by ``streamcoadd.io.warp_reader``, used by the fold."""
 
 from __future__ import annotations
 
