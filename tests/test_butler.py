@@ -7,7 +7,6 @@ dimension records are those lsst.skymap would register.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,25 +14,22 @@ import pytest
 if sys.version_info < (3, 12):
     pytest.skip("lsst-daf-butler needs Python >= 3.12", allow_module_level=True)
 try:
-    import lsst.daf.butler  # noqa: F401
-    import lsst.images  # noqa: F401
-    import requests  # noqa: F401
+    import lsst.daf.butler
+    import lsst.images
+    import requests
 except ImportError as e:
     pytest.skip(f"lsst-images / lsst-daf-butler not installed ({e}): pip install "
                 "'streamcoadd[rubin]'", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-from lsst.daf.butler import Butler  # noqa: E402
-from lsst.images import Box as LsstBox  # noqa: E402
-from lsst.sphgeom import LonLat, UnitVector3d  # noqa: E402
-from warpgen import make_warp  # noqa: E402
+from common import ROOT
+from lsst.daf.butler import Butler
+from lsst.images import Box as LsstBox
+from lsst.sphgeom import LonLat, UnitVector3d
+from warpgen import make_warp
 
-from streamcoadd.cli.main import main  # noqa: E402
-from streamcoadd.core.skymap import PatchId, load_skymap  # noqa: E402
+from streamcoadd.cli.main import main
+from streamcoadd.core.skymap import PatchId, load_skymap
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 TRACT = load_skymap(SKYMAP_FILE).tract(0)

@@ -12,21 +12,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from common import ROOT
+from warpgen import make_warp
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from warpgen import make_warp  # noqa: E402
-
-from streamcoadd.cli.main import main  # noqa: E402
-from streamcoadd.core.skymap import load_skymap  # noqa: E402
+from streamcoadd.cli.main import main
+from streamcoadd.core.skymap import load_skymap
 
 SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
 TRACT = load_skymap(SKYMAP_FILE).tract(0)

@@ -14,25 +14,18 @@ Needs root and mount(2) (skipped with the reason otherwise); the injection tests
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_daemon import cli, daemons, wait_for  # noqa: F401 (daemons: fixture)
+import torture
+from test_daemon import cli, daemons, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("torture", ROOT / "scripts" / "torture.py")
-torture = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("torture", torture)
-spec.loader.exec_module(torture)
-
-from streamcoadd.analysis.verify import verify_state  # noqa: E402
-from streamcoadd.cli.main import main  # noqa: E402
+from streamcoadd.analysis.verify import verify_state
+from streamcoadd.cli.main import main
 
 RETRY = ["--write-retry-initial", "0.2", "--write-retry-max", "1"]
 FH = {"PYTHONFAULTHANDLER": "1"}  # a hung daemon dumps its threads on SIGABRT

@@ -24,8 +24,8 @@ torture = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("torture", torture)
 spec.loader.exec_module(torture)
 
-from streamcoadd.analysis.verify import verify_state  # noqa: E402
-from streamcoadd.cli.main import main  # noqa: E402
+from streamcoadd.analysis.verify import verify_state
+from streamcoadd.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_disk_full_then_retry_in_one_process(tmp_path, monkeypatch, warps_and_re
     """What a long-running writer (the daemon) does: on StateWriteError drop the
     uncommitted work, keep the files, and resubmit them once there is space."""
     from streamcoadd.core.errors import StateWriteError
-    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.pipeline.ingest import LocalIngestor
     from streamcoadd.store import cellfile
     from streamcoadd.store.state import StateStore
 
@@ -245,7 +245,7 @@ def test_disk_full_then_retry_in_one_process(tmp_path, monkeypatch, warps_and_re
     st = tmp_path / "s"
     torture._quiet(main, ["init", str(st), "--skymap", str(torture.SKYMAP)])
     with StateStore.open(st, write=True) as store:
-        ing = Ingestor(store)
+        ing = LocalIngestor(store)
         pending = []
         with monkeypatch.context() as m:
             _inject_open(m, cellfile, lambda p: p.endswith(".h5.tmp"), 5)
@@ -262,7 +262,7 @@ def test_disk_full_then_retry_in_one_process(tmp_path, monkeypatch, warps_and_re
                         break
         assert failed
         store.discard_uncommitted()
-        ing = Ingestor(store)
+        ing = LocalIngestor(store)
         for w in warps:  # the inbox still holds everything not committed: resubmit
             ing.submit(w)
         ing.commit()

@@ -1,6 +1,6 @@
 """Scale-out on Dask distributed (streamcoadd.pipeline.dask_executor) on a LocalCluster of 2 workers.
 
-Every test compares the distributed result with a single-process ``Ingestor`` run on the
+Every test compares the distributed result with a single-process ``LocalIngestor`` run on the
 same warps: per cell the same contributors (content hashes, per group) and the same sums
 to 1e-10 relative; and the same ledger (status, cells, weight per warp; rejections).
 """
@@ -21,15 +21,18 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from streamcoadd.core.config import FoldConfig, RunConfig  # noqa: E402
-from streamcoadd.core.errors import UserError  # noqa: E402
-from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.core.skymap import CellId, PatchId, load_skymap  # noqa: E402
-from streamcoadd.core.warp import file_hash  # noqa: E402
-from streamcoadd.io.warp_writer import write_warp  # noqa: E402
-from streamcoadd.pipeline import dask_executor as D  # noqa: E402
-from streamcoadd.pipeline.ingest import LocalIngestor as Ingestor  # noqa: E402
-from streamcoadd.store.state import StateStore  # noqa: E402
+from streamcoadd.core.config import FoldConfig, RunConfig
+from streamcoadd.core.errors import UserError
+from streamcoadd.core.masks import CANONICAL_PLANES
+from streamcoadd.core.skymap import CellId, PatchId, load_skymap
+from streamcoadd.core.warp import file_hash
+from streamcoadd.io.warp_writer import write_warp
+from streamcoadd.pipeline import dask_cluster as C
+from streamcoadd.pipeline import dask_executor as D
+from streamcoadd.pipeline import dask_worker as W
+from streamcoadd.pipeline.dask_dispatch import ShardDispatcher
+from streamcoadd.pipeline.ingest import LocalIngestor
+from streamcoadd.store.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SKYMAP = ROOT / "config" / "skymap-demo.toml"
@@ -107,7 +110,7 @@ def new_state(path: Path) -> Path:
 
 def single_process(state: Path, files) -> dict[str, str]:
     with StateStore.open(state, write=True) as store:
-        ing = Ingestor(store)
+        ing = LocalIngestor(store)
         status = {}
         for f in files:
             o = ing.submit(f)
@@ -223,8 +226,8 @@ def test_same_as_single_process(client, warps, reference, tmp_path):
     assert stats.shard_commits > 10 and stats.conflict_retries == 0
     assert stats.warps_read <= 2 * 9  # 9 warps sent to workers, each read at most twice
     # a second run is a no-op: everything is a duplicate
-    again = D.ingest_distributed(state, [warps[k] for k in ORDER[:6]], client=client)
-    assert {o.status for o in again} == {"duplicate"}
+    again = D.run_distributed(state, [warps[k] for k in ORDER[:6]], client=client)
+    assert {o.status for o in again.outcomes} == {"duplicate"}
     assert_same_state(ref, state)
 
 
@@ -250,19 +253,19 @@ def test_task_rerun_is_noop(client, warps, reference, tmp_path):
     ref, _ = reference
     state = new_state(tmp_path / "state")
     good = [warps[k] for k in ["a4", "b4", "c2", "d4", "e4", "f2", "g0", "i3"]]
-    D.ingest_distributed(state, good, client=client, batch=3)
+    D.run_distributed(state, good, client=client, batch=3)
     items = [(str(p), file_hash(p.read_bytes())) for p in good if p.stem != "i3"]
     key = (0, 0, 0, "r")
     before = (state / "shards/t0/p0-0/r/manifest.json").read_text()
     # the same task again, in this process and twice at once on the cluster
-    r = D.fold_shard_batch(str(state), key, items)
+    r = W.fold_shard_batch(str(state), key, items)
     assert {x["status"] for x in r["results"]} <= {"present", "no_cells"}
-    futs = [client.submit(D.fold_shard_batch, str(state), key, items, pure=False)
+    futs = [client.submit(W.fold_shard_batch, str(state), key, items, pure=False)
             for _ in range(2)]
     for f in futs:
         assert {x["status"] for x in f.result()["results"]} <= {"present", "no_cells"}
     assert (state / "shards/t0/p0-0/r/manifest.json").read_text() == before
-    wrong = D.fold_shard_batch(str(state), (0, 0, 0, "g"), items[:1])  # band r into a g shard
+    wrong = W.fold_shard_batch(str(state), (0, 0, 0, "g"), items[:1])  # band r into a g shard
     assert wrong["results"][0]["status"] == "misrouted"
     present = {x["hash"]: x["cells"] for x in r["results"] if x["status"] == "present"}
     with StateStore.open(state) as st:
@@ -272,7 +275,7 @@ def test_task_rerun_is_noop(client, warps, reference, tmp_path):
     # two copies of a task that has real work, started together on a fresh state:
     # one commits, the other hits the compare-and-swap, retries from disk, finds the hashes
     fresh = new_state(tmp_path / "fresh")
-    futs = [client.submit(D.fold_shard_batch, str(fresh), key, items, pure=False)
+    futs = [client.submit(W.fold_shard_batch, str(fresh), key, items, pure=False)
             for _ in range(2)]
     res = [f.result() for f in futs]
     folded = [sum(x["status"] == "folded" for x in r["results"]) for r in res]
@@ -297,19 +300,18 @@ def test_worker_dies_in_commit(client, warps, reference, tmp_path, point):
     assert client.run(lambda: os.environ.get("STREAMCOADD_CRASH_AT"))[victim] == spec
     try:
         state = new_state(tmp_path / "state")
-        outcomes = D.ingest_distributed(state, [warps[k] for k in ORDER], client=client,
-                                        batch=2)
+        run = D.run_distributed(state, [warps[k] for k in ORDER], client=client, batch=2)
     finally:
         try:
             client.run(lambda: os.environ.pop("STREAMCOADD_CRASH_AT", None))
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
-    assert {Path(o.path).stem: o.status for o in outcomes} == ref_status
+    assert {Path(o.path).stem: o.status for o in run.outcomes} == ref_status
     assert_same_state(ref, state)
-    stats = D.ingest_distributed.last_stats
+    stats = run.stats
     assert victim not in client.run(os.getpid)  # it died (the nanny starts a new one)
     if point == "manifest-committed":
-        assert stats["present"] > 0  # the rerun found the committed warps and skipped them
+        assert stats.present > 0  # the rerun found the committed warps and skipped them
 
 
 def test_all_workers_killed_from_outside(client, warps, reference, tmp_path, monkeypatch):
@@ -318,14 +320,14 @@ def test_all_workers_killed_from_outside(client, warps, reference, tmp_path, mon
     again by the coordinator; the state is exact."""
     ref, ref_status = reference
     _ready(client)
-    monkeypatch.setattr(D.DistributedIngestor, "rescue_interval", 1.0)
+    monkeypatch.setattr(ShardDispatcher, "rescue_interval", 1.0)
     pids = client.run(os.getpid)
     state = new_state(tmp_path / "state")
     result = {}
 
     def run():
-        result["outcomes"] = D.ingest_distributed(state, [warps[k] for k in ORDER],
-                                                  client=client, batch=1)
+        result["outcomes"] = D.run_distributed(state, [warps[k] for k in ORDER],
+                                               client=client, batch=1).outcomes
 
     t = threading.Thread(target=run)
     t.start()
@@ -351,18 +353,18 @@ def test_coordinator_crash_between_shards(client, warps, reference, tmp_path):
     state = new_state(tmp_path / "state")
     a4, b4 = warps["a4"], warps["b4"]
     for key in [(0, 0, 0, "r"), (0, 1, 1, "r")]:
-        D.fold_shard_batch(str(state), key, [(str(a4), file_hash(a4.read_bytes())),
+        W.fold_shard_batch(str(state), key, [(str(a4), file_hash(a4.read_bytes())),
                                              (str(b4), file_hash(b4.read_bytes()))])
     # the ledger knows nothing of b4, the manifests do: b4other must be refused up front
-    o = D.ingest_distributed(state, [warps["b4other"]], client=client)
+    o = D.run_distributed(state, [warps["b4other"]], client=client).outcomes
     assert [x.status for x in o] == ["rejected"] and "different content" in o[0].reason
     with StateStore.open(state) as st:
         assert st.ledger.warps() == []
-    outcomes = D.ingest_distributed(state, [warps[k] for k in ORDER if k != "b4other"],
-                                    client=client, batch=2)
-    status = {Path(x.path).stem: x.status for x in outcomes}
+    run = D.run_distributed(state, [warps[k] for k in ORDER if k != "b4other"],
+                            client=client, batch=2)
+    status = {Path(x.path).stem: x.status for x in run.outcomes}
     assert status == {k: v for k, v in ref_status.items() if k != "b4other"}
-    assert D.ingest_distributed.last_stats["present"] == 3  # a4 in 2 shards, b4 in 1
+    assert run.stats.present == 3  # a4 in 2 shards, b4 in 1
     assert_same_state(ref, state)
 
 
@@ -386,7 +388,7 @@ def test_cli_ingest_dask(client, warps, reference, tmp_path):
     assert "on Dask (2 worker process(es)" in p.stdout
     assert_same_state(ref, state)
     with pytest.raises(UserError, match="local:N"):
-        D.connect("local:x")
+        C.connect("local:x")
 
 
 def test_watch_dask(client, warps, reference, tmp_path):
@@ -420,7 +422,7 @@ def test_concurrent_copies_conflict_and_retry(warps, reference, tmp_path, monkey
     names = ["a4", "b4", "d4", "e4", "f2"]
     items = [(str(warps[k]), file_hash(warps[k].read_bytes())) for k in names]
     barrier = threading.Barrier(2)
-    real = D._fold_prepared
+    real = W.fold_prepared
     first = threading.local()
 
     def fold_one(*a, **k):
@@ -430,10 +432,10 @@ def test_concurrent_copies_conflict_and_retry(warps, reference, tmp_path, monkey
             barrier.wait(10)  # both copies hold commit 0 with one warp folded in memory
         return r
 
-    monkeypatch.setattr(D, "_fold_prepared", fold_one)
+    monkeypatch.setattr(W, "fold_prepared", fold_one)
     res = [None, None]
     threads = [threading.Thread(target=lambda i=i: res.__setitem__(
-        i, D.fold_shard_batch(str(state), (0, 0, 0, "r"), items))) for i in range(2)]
+        i, W.fold_shard_batch(str(state), (0, 0, 0, "r"), items))) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:

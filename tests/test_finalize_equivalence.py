@@ -11,29 +11,20 @@ disappears between the manifest read and the cell read (rows closed up).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import numpy as np
+import pytest
+from astropy.io import fits
+from common import SKYMAP, SKYMAP_FILE, TRACT
+from finalize_reference import reference_finalize
+from reference import run_cli
+from warpgen import generate, make_warp, stack_warp_set, write_gen
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from astropy.io import fits  # noqa: E402
-from finalize_reference import reference_finalize  # noqa: E402
-from reference import run_cli  # noqa: E402
-from warpgen import generate, make_warp, stack_warp_set, write_gen  # noqa: E402
-
-import streamcoadd  # noqa: E402
-from streamcoadd.analysis.finalize import file_stem, finalize_patch  # noqa: E402
-from streamcoadd.cli.main import main as cli  # noqa: E402
-from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
-
-SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
-SKYMAP = load_skymap(SKYMAP_FILE)
-TRACT = SKYMAP.tract(0)
+import streamcoadd
+from streamcoadd.analysis.finalize import file_stem, finalize_patch
+from streamcoadd.cli.main import main as cli
+from streamcoadd.core.skymap import Box, CellId, PatchId
 
 
 @pytest.fixture(scope="module")

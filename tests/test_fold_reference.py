@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from astropy.io import fits  # noqa: E402
-from reference import (  # noqa: E402
+import numpy as np
+import pytest
+from astropy.io import fits
+from common import ROOT, SKYMAP, SKYMAP_FILE, TRACT
+from reference import (
     _cut,
     compare_cell,
     fit_stamp,
@@ -29,7 +24,7 @@ from reference import (  # noqa: E402
     reference_coadd,
     run_cli,
 )
-from warpgen import (  # noqa: E402
+from warpgen import (
     BIT,
     BROKEN_CASES,
     gaussian_stamp,
@@ -40,13 +35,10 @@ from warpgen import (  # noqa: E402
     write_gen,
 )
 
-import streamcoadd  # noqa: E402
-from streamcoadd.core.config import FoldConfig  # noqa: E402
-from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
+import streamcoadd
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap
 
-SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
-SKYMAP = load_skymap(SKYMAP_FILE)
-TRACT = SKYMAP.tract(0)
 G = SKYMAP.cells
 P00 = PatchId(0, 0, 0)
 

@@ -29,10 +29,10 @@ torture = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("torture", torture)
 spec.loader.exec_module(torture)
 
-from streamcoadd.cli.main import main  # noqa: E402
-from streamcoadd.core.errors import WarpRejected  # noqa: E402
-from streamcoadd.core.skymap import load_skymap  # noqa: E402
-from streamcoadd.io import warp_reader as warp_mod  # noqa: E402
+from streamcoadd.cli.main import main
+from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.skymap import load_skymap
+from streamcoadd.io import warp_reader as warp_mod
 
 SKYMAP = load_skymap(torture.SKYMAP)
 TRACT = SKYMAP.tract(0)
@@ -307,7 +307,7 @@ def test_exact_duplicate_is_not_a_rejection(base, tmp_path):
 
 
 def test_directory_and_vanished_file(base, tmp_path):
-    from streamcoadd.pipeline.ingest import Ingestor
+    from streamcoadd.pipeline.ingest import LocalIngestor
     from streamcoadd.store.state import StateStore
 
     st = base[0]
@@ -317,7 +317,7 @@ def test_directory_and_vanished_file(base, tmp_path):
     shutil.copyfile(base[1], gone)
     before = snapshot(st)
     with StateStore.open(st, write=True) as store:
-        ing = Ingestor(store)
+        ing = LocalIngestor(store)
         o1 = ing.submit(d)
         gone.unlink()  # vanishes between the event (listing) and the read
         o2 = ing.submit(gone)
@@ -367,7 +367,7 @@ def test_mask_not_integer(base, tmp_path):
 # ----------------------------------------------------------------------------- daemon
 def _daemon():
     try:
-        import streamcoadd.service.daemon  # noqa: F401
+        import streamcoadd.service.daemon
     except ImportError:
         pytest.skip("the daemon ('streamcoadd watch') is not in this checkout yet")
 
@@ -409,8 +409,8 @@ def test_daemon_symlink_out_of_inbox_and_broken_files(base, tmp_path):
 
 # ----------------------------------------------------------------------------- fuzz
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 _VALID = None
 

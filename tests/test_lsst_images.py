@@ -23,27 +23,24 @@ import pytest
 if sys.version_info < (3, 12):
     pytest.skip("lsst-images needs Python >= 3.12", allow_module_level=True)
 try:
-    import lsst.daf.butler  # noqa: F401
-    import lsst.images  # noqa: F401
-    import requests  # noqa: F401
+    import lsst.daf.butler
+    import lsst.images
+    import requests
 except ImportError as e:
     pytest.skip(f"lsst-images / lsst-daf-butler not installed ({e}): pip install "
                 "'streamcoadd[rubin]'", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-import astropy.units as u  # noqa: E402
-from lsst.images import Box as LsstBox  # noqa: E402
-from lsst.images.cells import CellCoadd, CellIJ  # noqa: E402
-from matplotlib.path import Path as MplPath  # noqa: E402
-from reference import close_rel, reference_coadd, run_cli  # noqa: E402
-from warpgen import make_warp, stack_warp_set  # noqa: E402
+import astropy.units as u
+from common import ROOT
+from lsst.images import Box as LsstBox
+from lsst.images.cells import CellCoadd, CellIJ
+from matplotlib.path import Path as MplPath
+from reference import close_rel, reference_coadd, run_cli
+from warpgen import make_warp, stack_warp_set
 
-from streamcoadd.core.config import FoldConfig  # noqa: E402
-from streamcoadd.core.skymap import Box, PatchId, load_skymap, skymap_from_dict  # noqa: E402
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.skymap import Box, PatchId, load_skymap, skymap_from_dict
 
 DEMO = ROOT / "config" / "skymap-demo.toml"
 FOLD = FoldConfig(noise_realizations=1)

@@ -5,28 +5,20 @@ how many warps are grouped per commit, nor on re-deliveries; sums agree to 1e-10
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import numpy as np
+import pytest
+from common import SKYMAP, SKYMAP_FILE, TRACT
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from reference import close_rel, compare_cell, reference_coadd, run_cli
+from warpgen import make_warp, stack_warp_set
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from reference import close_rel, compare_cell, reference_coadd, run_cli  # noqa: E402
-from warpgen import make_warp, stack_warp_set  # noqa: E402
+import streamcoadd
+from streamcoadd.core.skymap import Box, CellId, PatchId
 
-import streamcoadd  # noqa: E402
-from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
-
-SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
-SKYMAP = load_skymap(SKYMAP_FILE)
-TRACT = SKYMAP.tract(0)
 N_WARPS = 7
 
 _POOL: dict = {}

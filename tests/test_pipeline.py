@@ -10,23 +10,15 @@ import signal
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import numpy as np
+import pytest
+from common import ROOT, SKYMAP, SKYMAP_FILE, TRACT
+from reference import compare_cell, reference_coadd, run_cli
+from test_order_split import assert_same_sums, sums_of
+from warpgen import stack_warp_set, write_broken
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from reference import compare_cell, reference_coadd, run_cli  # noqa: E402
-from test_order_split import assert_same_sums, sums_of  # noqa: E402
-from warpgen import stack_warp_set, write_broken  # noqa: E402
-
-import streamcoadd  # noqa: E402
-from streamcoadd.core.skymap import Box, load_skymap  # noqa: E402
-
-SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
-SKYMAP = load_skymap(SKYMAP_FILE)
-TRACT = SKYMAP.tract(0)
+import streamcoadd
+from streamcoadd.core.skymap import Box
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ machines are too noisy for a timing assertion; see docs/reliability.md)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,12 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("torture", ROOT / "scripts" / "torture.py")
-torture = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("torture", torture)
-spec.loader.exec_module(torture)
+import torture
+from common import ROOT
 
 READER = r'''
 import json, os, sys, time, traceback

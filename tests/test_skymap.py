@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import numpy as np
+import pytest
+from astropy.wcs.utils import proj_plane_pixel_scales
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from astropy.wcs.utils import proj_plane_pixel_scales  # noqa: E402
-
-from streamcoadd.core.errors import UserError  # noqa: E402
-from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap, skymap_from_dict  # noqa: E402
+from streamcoadd.core.errors import UserError
+from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap, skymap_from_dict
 
 DEMO = ROOT / "config" / "skymap-demo.toml"
 LSST = ROOT / "config" / "skymap-lsst.toml"

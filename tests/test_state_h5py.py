@@ -8,28 +8,20 @@ import hashlib
 import json
 import re
 import sqlite3
-import sys
 import zlib
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import h5py
+import numpy as np
+import pytest
+from common import ROOT, SKYMAP, SKYMAP_FILE, TRACT
+from reference import close_rel, reference_coadd, run_cli
+from warpgen import make_warp, stack_warp_set, write_broken
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from reference import close_rel, reference_coadd, run_cli  # noqa: E402
-from warpgen import make_warp, stack_warp_set, write_broken  # noqa: E402
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.skymap import Box, CellId, PatchId
 
-from streamcoadd.core.config import FoldConfig  # noqa: E402
-from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap  # noqa: E402
-
-SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
-SKYMAP = load_skymap(SKYMAP_FILE)
-TRACT = SKYMAP.tract(0)
 DOC = ROOT / "docs" / "state-format.md"
 
 

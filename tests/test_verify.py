@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sqlite3
@@ -12,16 +11,12 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torture
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("torture", ROOT / "scripts" / "torture.py")
-torture = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("torture", torture)
-spec.loader.exec_module(torture)
-
-from streamcoadd.analysis.verify import verify_state  # noqa: E402
-from streamcoadd.cli.main import main  # noqa: E402
-from streamcoadd.core.warp import file_hash  # noqa: E402
+from streamcoadd.analysis.verify import verify_state
+from streamcoadd.cli.main import main
+from streamcoadd.core.warp import file_hash
 
 
 @pytest.fixture(scope="module")

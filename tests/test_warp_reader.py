@@ -4,17 +4,11 @@ PSF grids, noise realizations, and every rejection case (message names the file 
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "tests"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from warpgen import (  # noqa: E402
+import numpy as np
+import pytest
+from common import ROOT
+from warpgen import (
     BIT,
     BROKEN_CASES,
     canonical_to_planes,
@@ -24,10 +18,10 @@ from warpgen import (  # noqa: E402
     write_gen,
 )
 
-from streamcoadd.core.config import FoldConfig  # noqa: E402
-from streamcoadd.core.errors import WarpRejected  # noqa: E402
-from streamcoadd.core.skymap import Box, load_skymap  # noqa: E402
-from streamcoadd.io.warp_reader import read_warp  # noqa: E402
+from streamcoadd.core.config import FoldConfig
+from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.skymap import Box, load_skymap
+from streamcoadd.io.warp_reader import read_warp
 
 SKYMAP = load_skymap(ROOT / "config" / "skymap-demo.toml")
 TRACT = SKYMAP.tract(0)
