@@ -557,7 +557,7 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
     if sums is None:
         sums = acc.groups[name] = CellSums.zeros(acc.outer.shape, config.psf_size,
                                                  config.noise_realizations)
-    accumulate_pixels(sums, pw, acc.outer)
+    fold_pixels(sums, pw, acc.outer)
     w = np.float64(pw.weight)
     raw = pw.warp.psf.at(*cin.centre)
     stamp = resize_stamp(raw, config.psf_size)
@@ -599,7 +599,7 @@ def unfold_cell(acc: CellAccumulator, content_hash: str, pw: PreparedWarp,
                 raise ValueError("unfold_cell needs a prepared warp without products "
                                  "(w·I was computed with another weight)")
             pw = replace(pw, weight=float(w), _moments={})
-        accumulate_pixels(sums, pw, acc.outer, sign=-1)
+        fold_pixels(sums, pw, acc.outer, sign=-1)
         sums.psf_sum -= w * resize_stamp(pw.warp.psf.at(*centre), config.psf_size)
         sums.psf_w -= float(w)
         return True
@@ -628,6 +628,107 @@ def needs_rebuild(sums: CellSums) -> bool:
         return True  # cannot happen with a contributor (its cell centre has data)
     r_min = float(sums.sum_w[covered].min())
     return not r_min > 0 or max(sums.w_peak, sums.psf_w) > REBUILD_RATIO * r_min
+
+
+def fold_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 1) -> None:
+    """The per-pixel part of a fold (``sign = -1``: of a retraction): the numba
+    :func:`accumulate_pixels_fused`, or the numpy reference :func:`accumulate_pixels`
+    when ``STREAMCOADD_REFERENCE`` names "fold" (the two give identical sums and counts)."""
+    if use_reference("fold"):
+        accumulate_pixels(sums, pw, outer, sign)
+    else:
+        accumulate_pixels_fused(sums, pw, outer, sign)
+
+
+# stand-ins for the arrays a kernel does not touch (its flag is off): numba needs arrays
+# of the right dtype and rank
+_NONE_F64 = np.zeros((1, 1), np.float64)
+_NONE_I32 = np.zeros((1, 1), np.int32)
+
+
+def accumulate_pixels_fused(sums: CellSums, pw: PreparedWarp, outer: Box,
+                            sign: int = 1) -> None:
+    """:func:`accumulate_pixels` by the numba kernels of :mod:`streamcoadd.core.kernels`:
+    the same float64 sums bit for bit (the same product and one addition per pixel and
+    sum), the same integer counts and the same optional planes allocated. One scan of the
+    warp's masks decides what to allocate; then one pass updates Σw·I, Σw²·var, the
+    partial weight and count and the interpolated weight and count, and one pass per
+    noise realization, propagated plane and mask bit (each accumulator is read and
+    written once). Works with or without :meth:`PreparedWarp.with_products`."""
+    part = outer.intersection(pw.box)
+    if part.empty:
+        accumulate_pixels(sums, pw, outer, sign)  # (never happens in a fold: no pixel)
+        return
+    by, bx = part.y0 - pw.warp.xy0[1], part.x0 - pw.warp.xy0[0]  # box origin in the warp
+    ay, ax = part.y0 - outer.y0, part.x0 - outer.x0  # in the cell
+    h, wd = part.shape
+    w = np.float64(pw.weight)
+    ws_ = np.float64(sign) * w
+    isign = np.int32(sign)
+    valid, bad, or_mask = pw.valid, pw.bad, pw.or_mask
+    all_valid, any_bad, bits = kernels.scan_box(valid, bad, or_mask, by, bx, h, wd)
+    partial = not (part == outer and all_valid)
+    if not partial:
+        sums.w_full += float(ws_)
+        sums.n_full += sign
+        if sign < 0 and not sums.counted and abs(sums.w_full) <= 1e-9 * w:
+            sums.w_full = 0.0  # version-1 group (no counts): the last full input left
+    else:
+        if sums.w_partial is None:
+            sums.w_partial = sums.plane_zeros(np.float64)
+        if sums.counted and sums.n_partial is None:
+            sums.n_partial = sums.plane_zeros(np.int32)
+    if any_bad:
+        if sums.interp is None:
+            sums.interp = sums.plane_zeros(np.float64)
+        if sums.counted and sums.n_interp is None:
+            sums.n_interp = sums.plane_zeros(np.int32)
+    if pw.w_image is not None:  # precomputed w·I, w²·var: multiply by ±1 (exact)
+        img, var, f_img, f_var = pw.w_image, pw.w2_variance, np.float64(sign), 1.0
+    else:
+        img, var, f_img, f_var = pw.image, pw.variance, ws_, w
+    kernels.fold_box(
+        sums.sum_wI, sums.sum_w2var, ay, ax, img, var, by, bx, h, wd, f_img, f_var, ws_, valid,
+        partial, _or(sums.w_partial, _NONE_F64), _or(sums.n_partial, _NONE_I32),
+        partial and sums.counted, bad, any_bad, _or(sums.interp, _NONE_F64),
+        _or(sums.n_interp, _NONE_I32), any_bad and sums.counted, isign)
+    for k, noise in enumerate(pw.noise):
+        kernels.add_scaled_box(sums.noise[k], ay, ax, noise, by, bx, h, wd, ws_, valid,
+                               partial)
+    _fold_planes(sums, pw, part.slices(pw.warp.xy0), (ay, ax, by, bx, h, wd), ws_, isign)
+    if bits:
+        for bit in range(32):
+            if bits >> bit & 1:
+                cnt = sums.bit_counts.get(bit)
+                if cnt is None:
+                    cnt = sums.bit_counts[bit] = sums.plane_zeros(np.int32)
+                kernels.count_bit_box(cnt, ay, ax, or_mask, by, bx, h, wd, np.int32(bit),
+                                      isign)
+        sums.mask_bits = None  # mask_or is derived from the counts from now on
+    if sign < 0:
+        snap_emptied(sums)
+
+
+def _or(a: np.ndarray | None, stand_in: np.ndarray) -> np.ndarray:
+    return stand_in if a is None else a
+
+
+def _fold_planes(sums: CellSums, pw: PreparedWarp, ws, box: tuple, ws_: np.float64,
+                 isign: np.int32) -> None:
+    """The propagated planes present in the box (``ws``: its warp slices; ``box``:
+    ay, ax, by, bx, h, w as in :func:`accumulate_pixels_fused`)."""
+    for name, plane in pw.planes.items():
+        if not plane[ws].any():
+            continue
+        arr = sums.planes.get(name)
+        if arr is None:
+            arr = sums.planes[name] = sums.plane_zeros(np.float64)
+        cnt = sums.plane_counts.get(name) if sums.counted else None
+        if sums.counted and cnt is None:
+            cnt = sums.plane_counts[name] = sums.plane_zeros(np.int32)
+        ay, ax, by, bx, h, wd = box
+        kernels.add_plane_box(arr, _or(cnt, _NONE_I32), sums.counted, plane, ay, ax, by, bx,
+                              h, wd, ws_, isign)
 
 
 def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 1) -> None:

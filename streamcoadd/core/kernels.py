@@ -172,3 +172,126 @@ def clipped_mean_weight(var: np.ndarray, sigma: float = 3.0,
     if n == 0:
         return None
     return 1.0 / float(s / np.float64(n)), int(n)
+
+
+# ------------------------------------------------------------------------- the fold
+#
+# Kernels take whole arrays plus the origin of the box in each (ay, ax: in the cell's
+# accumulators; by, bx: in the warp) and the box size (h, w): numba then sees contiguous
+# rows it vectorizes (2-D slice views would be typed as strided and not vectorized). They
+# walk the box row by row, so each row of the inputs is read from memory once and every
+# accumulator row is read and written once. ``ws`` is the signed weight (sign * w) and
+# ``isign`` the signed count step (+1 fold, -1 retraction). Where a pixel is not valid the
+# numpy reference multiplies by ``valid * ws`` (0.0 * ws, a signed zero); so do these.
+
+
+@njit(cache=True, nogil=True)
+def scan_box(valid, bad, or_mask, by, bx, h, w):
+    """Over the box of the warp: (every pixel valid, any pixel bad, OR of ``or_mask``):
+    what decides which optional planes the fold allocates."""
+    invalid = np.uint8(0)
+    anybad = np.uint8(0)
+    bits = np.int32(0)
+    for r in range(h):
+        Q = valid[by + r, bx:bx + w]
+        D = bad[by + r, bx:bx + w]
+        M = or_mask[by + r, bx:bx + w]
+        for x in range(w):
+            invalid |= np.uint8(1) - np.uint8(Q[x])
+            anybad |= np.uint8(D[x])
+            bits |= M[x]
+    return invalid == 0, anybad != 0, bits
+
+
+@njit(cache=True, nogil=True)
+def fold_box(sum_wI, sum_w2var, ay, ax, img, var, by, bx, h, w, fimg, fvar, ws, valid,
+             partial, w_partial, n_partial, count_partial, bad, has_bad, interp, n_interp,
+             count_interp, isign):
+    """The fold's main pass over one box, row by row:
+
+    - ``sum_wI += f64(img) * g`` and ``sum_w2var += f64(var) * (g * fvar)`` with
+      ``g = fimg`` (``partial`` False: every pixel valid) or ``g = valid ? fimg : 0.0 * fimg``;
+    - ``partial``: ``w_partial += valid ? ws : 0.0 * ws`` and (``count_partial``)
+      ``n_partial += isign * valid``;
+    - ``has_bad``: ``interp += ws`` where ``bad`` and (``count_interp``)
+      ``n_interp += isign * bad``.
+
+    ``img``/``var`` are the float32 planes (``fimg`` = ws, ``fvar`` = w) or the
+    precomputed float64 products (``fimg`` = ±1, ``fvar`` = 1: multiplying by ±1 is
+    exact). Arrays whose flag is off may be any array of their dtype."""
+    zero = ws * 0.0
+    gzero = fimg * 0.0
+    for r in range(h):
+        A = sum_wI[ay + r, ax:ax + w]
+        B = sum_w2var[ay + r, ax:ax + w]
+        II = img[by + r, bx:bx + w]
+        V = var[by + r, bx:bx + w]
+        if partial:
+            Q = valid[by + r, bx:bx + w]
+            P = w_partial[ay + r, ax:ax + w]
+            for x in range(w):
+                g = fimg if Q[x] else gzero
+                A[x] += np.float64(II[x]) * g
+                B[x] += np.float64(V[x]) * (g * fvar)
+                P[x] += ws if Q[x] else zero
+            if count_partial:
+                N = n_partial[ay + r, ax:ax + w]
+                for x in range(w):
+                    N[x] += isign * np.int32(Q[x])
+        else:
+            gv = fimg * fvar
+            for x in range(w):
+                A[x] += np.float64(II[x]) * fimg
+                B[x] += np.float64(V[x]) * gv
+        if has_bad:
+            D = bad[by + r, bx:bx + w]
+            X = interp[ay + r, ax:ax + w]
+            for x in range(w):
+                if D[x]:
+                    X[x] += ws
+            if count_interp:
+                N = n_interp[ay + r, ax:ax + w]
+                for x in range(w):
+                    N[x] += isign * np.int32(D[x])
+
+
+@njit(cache=True, nogil=True)
+def add_scaled_box(acc, ay, ax, plane, by, bx, h, w, ws, valid, partial):
+    """``acc += f64(plane) * f`` over the box, ``f`` as in :func:`fold_box` (noise)."""
+    zero = ws * 0.0
+    for r in range(h):
+        A = acc[ay + r, ax:ax + w]
+        S = plane[by + r, bx:bx + w]
+        if partial:
+            Q = valid[by + r, bx:bx + w]
+            for x in range(w):
+                A[x] += np.float64(S[x]) * (ws if Q[x] else zero)
+        else:
+            for x in range(w):
+                A[x] += np.float64(S[x]) * ws
+
+
+@njit(cache=True, nogil=True)
+def add_plane_box(acc, cnt, count, plane, ay, ax, by, bx, h, w, ws, isign):
+    """A propagated plane: ``acc += plane ? ws : 0.0 * ws`` and (``count``)
+    ``cnt += isign * plane`` over the box."""
+    zero = ws * 0.0
+    for r in range(h):
+        A = acc[ay + r, ax:ax + w]
+        S = plane[by + r, bx:bx + w]
+        for x in range(w):
+            A[x] += ws if S[x] else zero
+        if count:
+            N = cnt[ay + r, ax:ax + w]
+            for x in range(w):
+                N[x] += isign * np.int32(S[x])
+
+
+@njit(cache=True, nogil=True)
+def count_bit_box(cnt, ay, ax, or_mask, by, bx, h, w, bit, isign):
+    """``cnt += isign * ((or_mask >> bit) & 1)`` over the box (per-bit input counts)."""
+    for r in range(h):
+        N = cnt[ay + r, ax:ax + w]
+        M = or_mask[by + r, bx:bx + w]
+        for x in range(w):
+            N[x] += isign * ((M[x] >> bit) & 1)

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from streamcoadd.core.config import FoldConfig
 from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.fold import use_reference
 from streamcoadd.core.skymap import SkyMap
 from streamcoadd.pipeline.source import RoutedWarp, file_signature, load_warp
 
@@ -52,12 +53,14 @@ class WarpLoader:
         self._ahead[path] = self._pool.submit(self._load, path)
 
     def take(self, path) -> RoutedWarp:
-        """The loaded warp for ``path`` (the prefetched result, or a load now), with the
-        float64 products ``w·I``, ``w²·var`` computed. They are computed here, in the
-        caller's thread, not ahead: the caller has released the previous warp's products
-        by now, so two sets (185 MB each for a patch warp) are never held at once."""
+        """The loaded warp for ``path`` (the prefetched result, or a load now). With the
+        numpy reference fold (``STREAMCOADD_REFERENCE=fold``) the float64 products
+        ``w·I``, ``w²·var`` are computed here, in the caller's thread, not ahead: the
+        caller has released the previous warp's products by now, so two sets (185 MB each
+        for a patch warp) are never held at once. The fused fold (the default) multiplies
+        per pixel and needs none."""
         loaded = self._take(str(path))
-        if loaded.prepared is not None:
+        if loaded.prepared is not None and use_reference("fold"):
             loaded.prepared.with_products()
         return loaded
 
