@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torture
-from test_daemon import cli, daemons, wait_for
+from test_daemon import cli, daemons, wait_for  # noqa: F401 (daemons: a fixture)
 
 from streamcoadd.analysis.verify import verify_state
 from streamcoadd.cli.main import main
