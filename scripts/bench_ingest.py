@@ -1,5 +1,5 @@
 """Run ``streamcoadd ingest`` (the real CLI code path, default settings) with timers on
-every ``Ingestor.submit`` (the fold of one warp, in memory) and ``Ingestor.commit`` (the
+every ``LocalIngestor.submit`` (the fold of one warp, in memory) and ``LocalIngestor.commit`` (the
 durable write of every pending warp), and an RSS sampler.
 
     python3 scripts/bench_ingest.py STATE WARPDIR --json out.json [-- extra ingest args]
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamcoadd.cli.main import main as cli  # noqa: E402
-from streamcoadd.pipeline.ingest import Ingestor  # noqa: E402
+from streamcoadd.pipeline.ingest import LocalIngestor  # noqa: E402
 from streamcoadd.pipeline.memory import retain_freed_memory  # noqa: E402
 
 events: list[dict] = []
@@ -50,7 +50,7 @@ class Sampler(threading.Thread):
             time.sleep(0.1)
 
 
-_submit, _commit = Ingestor.submit, Ingestor.commit
+_submit, _commit = LocalIngestor.submit, LocalIngestor.commit
 
 
 def submit(self, path, then=None):
@@ -72,7 +72,7 @@ def commit(self):
     return out
 
 
-Ingestor.submit, Ingestor.commit = submit, commit
+LocalIngestor.submit, LocalIngestor.commit = submit, commit
 
 
 def main():
@@ -84,7 +84,7 @@ def main():
     sampler = Sampler()
     sampler.start()
     t = time.perf_counter()
-    rc = cli.main(["ingest", state, *paths, "--quiet"])
+    rc = cli(["ingest", state, *paths, "--quiet"])
     wall = time.perf_counter() - t
     Path(out).write_text(json.dumps(dict(rc=rc, wall_s=wall, import_s=t - T_START,
                                          e2e_s=time.perf_counter() - T_START, events=events,

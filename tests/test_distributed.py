@@ -115,9 +115,21 @@ def single_process(state: Path, files) -> dict[str, str]:
         for f in files:
             o = ing.submit(f)
             status[Path(o.path).stem] = o.status
-        for o in ing.commit():
+        final = ing.commit()
+        for o in final:
             status[Path(o.path).stem] = o.status
+    assert_pixels(final)
     return status
+
+
+def assert_pixels(outcomes) -> None:
+    """Folded / no_cells outcomes carry the warp's IMAGE size (NAXIS1 x NAXIS2)."""
+    from astropy.io import fits
+
+    for o in outcomes:
+        if o.status in ("folded", "no_cells"):
+            h = fits.getheader(o.path, "IMAGE")
+            assert o.pixels == h["NAXIS1"] * h["NAXIS2"] > 0, o
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -216,6 +228,7 @@ def test_same_as_single_process(client, warps, reference, tmp_path):
     status = {Path(o.path).stem: o.status for o in outcomes}
     assert status == ref_status
     assert len(outcomes) == len(ORDER)
+    assert_pixels(outcomes)
     n = assert_same_state(ref, state)
     assert n > 100
     stats = run.stats

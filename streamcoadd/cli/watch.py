@@ -9,7 +9,8 @@ from pathlib import Path
 
 from streamcoadd.cli.options import add_dask_options
 from streamcoadd.core.errors import UserError
-from streamcoadd.pipeline import dask_executor
+from streamcoadd.pipeline import dask_cluster, dask_executor
+from streamcoadd.pipeline.dask_worker import drop_worker_caches
 from streamcoadd.pipeline.ingest import LocalIngestor
 from streamcoadd.service.daemon import EXIT_ERROR, EXIT_LOCKED, Daemon, IngestorFactory
 from streamcoadd.service.logs import log as daemon_log
@@ -99,14 +100,14 @@ def _watch_dask(args: argparse.Namespace) -> int:
         print("streamcoadd watch: --dask-batch must be >= 1", file=sys.stderr)
         return EXIT_ERROR
     try:
-        client = dask_executor.connect(args.dask)
+        client = dask_cluster.connect(args.dask)
     except UserError as e:
         print(f"streamcoadd watch: {e}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        dask_executor.check_cluster(client)
+        dask_cluster.check_cluster(client)
     except UserError as e:
-        dask_executor.close(client)
+        dask_cluster.close(client)
         print(f"streamcoadd watch: {e}", file=sys.stderr)
         return EXIT_ERROR
     notify = SdNotify()
@@ -120,10 +121,10 @@ def _watch_dask(args: argparse.Namespace) -> int:
         return run_daemon(args, make_ingestor)
     finally:
         try:
-            client.run(dask_executor.drop_worker_caches, str(Path(args.state).absolute()))
+            client.run(drop_worker_caches, str(Path(args.state).absolute()))
         except Exception:  # noqa: BLE001 - a worker just lost; its memory is gone anyway
             pass
-        dask_executor.close(client)
+        dask_cluster.close(client)
 
 
 def settings(args: argparse.Namespace) -> Settings:

@@ -25,7 +25,7 @@ from streamcoadd.pipeline.outcome import Outcome, OutcomeStatus
 from streamcoadd.store.ledger import WarpRecord
 from streamcoadd.store.state import Shard, StateStore
 
-__all__ = ["LocalIngestor", "Ingestor", "Outcome", "OutcomeStatus", "warp_records"]
+__all__ = ["LocalIngestor", "Outcome", "OutcomeStatus", "warp_records"]
 
 
 def warp_records(outcomes: list[Outcome]) -> list[WarpRecord]:
@@ -165,10 +165,6 @@ class LocalIngestor:
             raise
         self.admission.add_pending(path, h, warp.id)
         return Outcome(path, OutcomeStatus.PENDING, warp_id=warp.id, band=warp.band,
-                       cells=n_cells, content_hash=h, weight=prepared.weight), False
+                       cells=n_cells, content_hash=h, weight=prepared.weight,
+                       pixels=warp.box.width * warp.box.height), False
 
-
-#: The former name (``streamcoadd.pipeline.ingest.Ingestor``), kept until the daemon, the
-#: CLI and the tests use :class:`LocalIngestor`; the protocol is
-#: :class:`streamcoadd.pipeline.outcome.Ingestor`.
-Ingestor = LocalIngestor

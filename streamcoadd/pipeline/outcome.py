@@ -64,6 +64,9 @@ class Outcome:
         SHA-256 of the file as delivered (hex), "" if unreadable.
     weight : float
         The scalar weight folded with, 1/nJy^2 (0 until known).
+    pixels : int
+        Input pixels of the warp's IMAGE plane, H * W (0 until known), for throughput
+        figures (input Mpix/s) without opening the file again.
     """
 
     path: str
@@ -75,6 +78,7 @@ class Outcome:
     ms: float = 0.0
     content_hash: str = ""
     weight: float = 0.0
+    pixels: int = 0
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from streamcoadd.service.inbox import Inbox, fingerprint
 from streamcoadd.service.logs import event, log
 from streamcoadd.service.pause import WritePause, is_write_error
 from streamcoadd.service.quarantine import Quarantine
-from streamcoadd.service.stats import DaemonStats, WarpEvent, warp_pixels
+from streamcoadd.service.stats import DaemonStats, WarpEvent
 from streamcoadd.store import durable
 from streamcoadd.store.state import StateStore
 
@@ -108,14 +108,14 @@ class Batch:
     def _submitted(self, name: str, path: Path, fp: tuple, o, t_take: float) -> bool:
         status = str(o.status)
         if status == "pending":
-            self.inflight[str(path)] = InFlight(name, fp, o.ms, t_take, warp_pixels(path))
+            self.inflight[str(path)] = InFlight(name, fp, o.ms, t_take, o.pixels)
         elif status == "duplicate":
             self.quarantine.finish(WarpEvent.of(name, o, "duplicate"), fp)
         elif status == "rejected":
             self._reject(name, fp, o.reason or "rejected (no reason given)", o)
         elif status in ("folded", "no_cells"):  # an ingestor that commits by itself
             if status == "folded":
-                self.stats.throughput.add(t_take, time.monotonic(), warp_pixels(path))
+                self.stats.throughput.add(t_take, time.monotonic(), o.pixels)
             self.quarantine.finish(WarpEvent.of(name, o, status), fp)
         else:
             return self._internal_error(name, fp,

@@ -7,8 +7,6 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from astropy.io import fits
-
 from streamcoadd.service.logs import utcnow
 
 OUTCOMES = ("folded", "no_cells", "duplicate", "rejected")
@@ -61,21 +59,11 @@ class Counts:
     write_errors: int = 0  # write errors that paused folding (disk full, ...)
 
 
-def warp_pixels(path) -> int:
-    """Pixels of the warp's IMAGE plane (NAXIS1 x NAXIS2 from its header); 0 if unreadable.
-    The input size that "input Mpix/s" counts (read from the header: the ingestor's
-    outcome record does not carry it)."""
-    try:
-        h = fits.getheader(path, "IMAGE")
-        return int(h.get("NAXIS1", 0)) * int(h.get("NAXIS2", 0))
-    except Exception:  # noqa: BLE001 - a statistic only; the fold reported on the file
-        return 0
-
-
 class Throughput:
     """Warps/s and input Mpix/s of folded warps, over the last ``seconds`` and over the
     last ``warps`` warps. A warp counts once it is durable; its span starts when it was
-    taken from the inbox (fold start) and ends when its commit returned."""
+    taken from the inbox (fold start) and ends when its commit returned. Its input pixels
+    come with the ingestor's outcome (``Outcome.pixels``, H * W of the IMAGE plane)."""
 
     def __init__(self, seconds: float = 60.0, warps: int = 32):
         self.seconds = float(seconds)
