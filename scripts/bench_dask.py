@@ -6,7 +6,7 @@
 
 For each run a fresh state is made and the same warps are ingested by:
   - ``single``: the single-process ``Ingestor`` (the plain ``streamcoadd ingest``),
-  - ``dask:N``: ``ingest_distributed`` on a LocalCluster of N single-threaded worker
+  - ``dask:N``: ``run_distributed`` on a LocalCluster of N single-threaded worker
     processes, started and warmed up (imports) before the clock starts.
 Every distributed state is checked against the single-process one (per cell: same
 contributors, sums to 1e-10 relative). Reported: wall time (best and median of the
