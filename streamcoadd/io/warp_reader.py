@@ -7,10 +7,12 @@ problem.  Reading has no side effects: it never touches a state.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +42,20 @@ PSF_SUM_WARN = 0.005
 
 
 def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realizations: int = 0,
-              data: bytes | None = None, content_hash: str | None = None) -> Warp:
+              data: bytes | np.ndarray | None = None, content_hash: str | None = None,
+              raw: bool = True) -> Warp:
     """Read and validate one warp file.
 
     ``bad_planes`` are the planes that will be interpolated; values under them are not
     required to be finite. ``noise_realizations`` NOISEk HDUs are required and read.
-    ``data`` may pass the file bytes already read, ``content_hash`` their SHA-256
-    (:func:`file_hash` of the bytes as stored, before any gunzip).
+    ``data`` may pass the file bytes already read (``bytes``, or the writeable uint8
+    array of :func:`read_and_hash`), ``content_hash`` their SHA-256 (:func:`file_hash`
+    of the bytes as stored, before any gunzip).
+
+    With ``raw`` (the default) the large image planes are read straight from ``data``
+    (:func:`open_raw`: views of a writeable buffer, byte-swapped in place; astropy still
+    parses every header), falling back to astropy's ``fits.open`` for any file that is
+    not plain; ``raw=False`` always uses ``fits.open``. Both give the same Warp.
     """
     path = str(path)
     if data is None:
@@ -55,14 +64,17 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         content_hash = file_hash(data)
     if len(data) == 0:
         raise WarpRejected(path, "the file is empty")
-    if data[:2] == b"\x1f\x8b":
+    if bytes(data[:2]) == b"\x1f\x8b":
         data = gunzip(path, data)
-    if not data.startswith(b"SIMPLE  ="):
+    if bytes(data[:9]) != b"SIMPLE  =":
         raise WarpRejected(path, "not a FITS file (it does not start with 'SIMPLE  =')")
     _check_declared_sizes(path, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", AstropyWarning)
+            hdul = open_raw(data) if raw else None
+            if hdul is not None:
+                return _parse(path, content_hash, hdul, skymap, bad_planes, noise_realizations)
             with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
                 return _parse(path, content_hash, hdul, skymap, bad_planes, noise_realizations)
     except WarpRejected:
@@ -70,7 +82,8 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
     except UserError as e:
         raise WarpRejected(path, str(e)) from None
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            AstropyWarning, fits.VerifyError, MemoryError, OverflowError) as e:
+            AstropyWarning, fits.VerifyError, MemoryError, OverflowError,
+            AssertionError) as e:  # (astropy asserts on some bad table keywords)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "truncated" in msg:
             raise WarpRejected(path, f"the file is truncated ({msg[:200]}); deliver it again "
@@ -78,6 +91,7 @@ def read_warp(path: str | Path, skymap: SkyMap, bad_planes=(), noise_realization
         raise WarpRejected(path, f"not a readable warp FITS file ({msg[:300]})") from None
 
 
+MAX_TFIELDS = 999  # the FITS standard's limit
 MAX_NAXIS = 3  # a warp's HDUs are 2-D images, a 3-D PSF cube, or a (2-D) table
 
 
@@ -86,19 +100,22 @@ def _check_declared_sizes(path: str, data: bytes) -> None:
     loops over ``range(NAXIS)`` (NAXIS = 10**9 in a tiny file would run for hours and eat
     memory) and trusts NAXISn. Anything this simple parser does not understand is left
     to astropy, which rejects it."""
-    pos, n = 0, len(data)
+    mv = memoryview(data).cast("B")  # (bytes or a uint8 array)
+    pos, n = 0, len(mv)
     while pos < n:
         axes, bitpix, pcount, gcount = {}, None, 0, 1
         end = None
         for off in range(pos, min(n - 79, pos + 2880 * 100), 80):
-            key = data[off:off + 8].rstrip()
+            card = bytes(mv[off:off + 80])
+            key = card[:8].rstrip()
             if key == b"END":
                 end = off + 80
                 break
-            if data[off + 8:off + 10] != b"= ":
+            if card[8:10] != b"= ":
                 continue
-            value = data[off + 10:off + 80].split(b"/")[0].strip()
-            if key.startswith(b"NAXIS") or key in (b"BITPIX", b"PCOUNT", b"GCOUNT"):
+            value = card[10:80].split(b"/")[0].strip()
+            if key.startswith(b"NAXIS") or key in (b"BITPIX", b"PCOUNT", b"GCOUNT",
+                                                   b"TFIELDS"):
                 try:
                     v = int(value)
                 except ValueError:
@@ -116,6 +133,11 @@ def _check_declared_sizes(path: str, data: bytes) -> None:
                     if not 0 <= v <= MAX_NAXIS:
                         raise WarpRejected(path, f"header declares NAXIS = {v}; a warp HDU "
                                                  f"has at most {MAX_NAXIS} axes")
+                elif key == b"TFIELDS":
+                    # astropy builds every column up front (TFIELDS = 2**31: tens of GB)
+                    if not 0 <= v <= MAX_TFIELDS:
+                        raise WarpRejected(path, f"header declares TFIELDS = {v}; a FITS "
+                                                 f"table has at most {MAX_TFIELDS} columns")
                 elif key == b"BITPIX":
                     bitpix = v
                 elif key == b"PCOUNT":
@@ -140,14 +162,11 @@ def _check_declared_sizes(path: str, data: bytes) -> None:
         pos = start + -(-size // 2880) * 2880
 
 
-def read_bytes(path: str) -> bytes:
+@contextmanager
+def _reading(path: str):
+    """The one-line rejections for a file that cannot be read (raised as WarpRejected)."""
     try:
-        size = os.path.getsize(path)
-        if size > MAX_WARP_BYTES:
-            raise WarpRejected(path, f"file is {size / 2**30:.1f} GiB, larger than the "
-                                     f"{MAX_WARP_BYTES / 2**30:.0f} GiB limit for one warp")
-        with open(path, "rb") as f:
-            return f.read()
+        yield
     except FileNotFoundError:
         raise WarpRejected(path, "the file disappeared before it could be read") from None
     except PermissionError:
@@ -157,6 +176,192 @@ def read_bytes(path: str) -> bytes:
         raise WarpRejected(path, "is a directory, not a warp file") from None
     except OSError as e:
         raise WarpRejected(path, f"cannot read the file: {e.strerror or e}") from None
+
+
+def _check_size(path: str) -> int:
+    size = os.path.getsize(path)
+    if size > MAX_WARP_BYTES:
+        raise WarpRejected(path, f"file is {size / 2**30:.1f} GiB, larger than the "
+                                 f"{MAX_WARP_BYTES / 2**30:.0f} GiB limit for one warp")
+    return size
+
+
+def read_bytes(path: str) -> bytes:
+    """The file's bytes (raises :class:`WarpRejected` if it cannot be read)."""
+    with _reading(path):
+        _check_size(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+READ_CHUNK = 1 << 20  # bytes hashed while still in cache
+
+
+def read_and_hash(path: str) -> tuple[np.ndarray, str]:
+    """The file's bytes and their SHA-256, hashed chunk by chunk as they are read.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        uint8, 1-D, writeable (so that :func:`read_warp` can byte-swap the image planes
+        in place, as views of it), not zero-filled first.
+    content_hash : str
+        SHA-256 (hex) of exactly the bytes returned, as :func:`file_hash` of them.
+
+    Raises
+    ------
+    WarpRejected
+        As :func:`read_bytes`.
+    """
+    with _reading(path):
+        size = _check_size(path)
+        buf = np.empty(size, np.uint8)
+        mv = memoryview(buf)
+        h = hashlib.sha256()
+        got = 0
+        with open(path, "rb", buffering=0) as f:
+            while got < size:
+                k = f.readinto(mv[got:got + READ_CHUNK])
+                if not k:
+                    break
+                h.update(mv[got:got + k])
+                got += k
+            rest = f.read()  # the file grew meanwhile: keep and hash it all, as f.read()
+        if got < size:  # it shrank meanwhile
+            buf = buf[:got]
+        if rest:
+            h.update(rest)
+            buf = np.concatenate([buf, np.frombuffer(rest, np.uint8)])
+        return buf, h.hexdigest()
+
+
+class RawHDU:
+    """One HDU of :func:`open_raw`: an astropy ``header``, its ``data`` and ``name`` (as
+    astropy's ``hdu.name``: the EXTNAME value as a string)."""
+
+    def __init__(self, name: str, header: fits.Header, data):
+        self.name, self.header, self.data = name, header, data
+
+
+class RawHDUList(list):
+    """What :func:`_parse` uses of ``fits.HDUList``, with its semantics: index, slice,
+    lookup by EXTNAME (case-insensitive, first match; "PRIMARY" is always the first
+    HDU) and ``name in hdul``."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            k = key.strip().upper()
+            for i, h in enumerate(self):
+                if h.name.strip().upper() == k or (k == "PRIMARY" and i == 0):
+                    return h
+            raise KeyError(f"Extension {key!r} not found.")
+        return list.__getitem__(self, key)
+
+    def __contains__(self, key):
+        if isinstance(key, str):
+            try:
+                self[key]
+            except KeyError:
+                return False
+            return True
+        return list.__contains__(self, key)
+
+
+RAW_MIN_BYTES = 1 << 20  # image HDUs from this size on are views of the buffer
+_PRINTABLE = bytes(range(32, 127))
+RAW_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def open_raw(data) -> RawHDUList | None:
+    """Parse a FITS file held in memory without copying its large image planes.
+
+    Each header is parsed by astropy (``Header.fromstring``); the data of a large plain
+    image HDU (standard BITPIX, no BSCALE/BZERO/BLANK) is ``np.frombuffer`` at its offset
+    (writeable when ``data`` is: :func:`_native` then byte-swaps it in place); small HDUs
+    (primary, PSF cube, tables) go through astropy's own HDU parser. ``data`` is not
+    modified here.
+
+    Returns None for anything unusual, and the caller parses the file with ``fits.open``
+    (whose error message is then the reference one): any parse error or warning, a
+    header without END within 100 blocks, a first card that is not SIMPLE = T /
+    XTENSION, groups, heaps (PCOUNT != 0), GCOUNT != 1, non-integer sizes, or bytes
+    after the last HDU.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return _open_raw(memoryview(data).cast("B"))
+    except Exception:  # noqa: BLE001 - fits.open then reports it in its own words
+        return None
+
+
+def _open_raw(mv: memoryview) -> RawHDUList | None:
+    from astropy.io.fits.hdu.base import _BaseHDU  # (astropy's own one-HDU parser)
+
+    n = len(mv)
+    out = RawHDUList()
+    pos = 0
+    while pos < n:
+        end = _header_end(mv, pos)
+        if end is None:
+            return None
+        if bytes(mv[pos:-(-end // 2880) * 2880]).translate(None, _PRINTABLE):
+            return None  # non-printable bytes (padding too): fits.open warns, replaces them
+        header = fits.Header.fromstring(bytes(mv[pos:end]))
+        for card in header.cards:  # every value parses (fits.open may touch any of them)
+            card.value  # noqa: B018
+        if "ZIMAGE" in header:
+            return None  # a tile-compressed image: astropy decompresses it
+        first = next(iter(header.keys()), "")
+        if first not in ("SIMPLE", "XTENSION") or (first == "SIMPLE") != (pos == 0) \
+                or (pos == 0 and header["SIMPLE"] is not True):
+            return None
+        size = _plain_data_size(header)
+        if size is None:
+            return None
+        start = -(-end // 2880) * 2880
+        stop = start + -(-size // 2880) * 2880
+        if stop > n:
+            return None  # (_check_declared_sizes has rejected a truncated file already)
+        bitpix = header["BITPIX"]
+        if (pos and header["XTENSION"] == "IMAGE" and header["NAXIS"] >= 1
+                and size >= RAW_MIN_BYTES
+                and not any(k in header for k in ("BSCALE", "BZERO", "BLANK"))):
+            dims = [header[f"NAXIS{k}"] for k in range(header["NAXIS"], 0, -1)]
+            arr = np.frombuffer(mv, dtype=RAW_DTYPES[bitpix],
+                                count=size // (abs(bitpix) // 8), offset=start)
+            out.append(RawHDU(str(header.get("EXTNAME", "")), header, arr.reshape(dims)))
+        else:
+            hdu = _BaseHDU.fromstring(bytes(mv[pos:stop]))
+            hdu_data = hdu.data  # (parsed now: the HDU holds its own copy)
+            out.append(RawHDU(hdu.name, hdu.header, hdu_data))
+        pos = stop
+    return out if pos == n else None
+
+
+def _header_end(mv: memoryview, pos: int) -> int | None:
+    """Offset just past the END card of the header starting at ``pos`` (None: none in
+    the next 100 blocks)."""
+    n = len(mv)
+    for off in range(pos, min(n - 79, pos + 2880 * 100), 2880):
+        blk = bytes(mv[off:off + 2880])
+        for i in range(0, len(blk), 80):
+            if blk[i:i + 8] == b"END     ":
+                return off + i + 80
+    return None
+
+
+def _plain_data_size(header: fits.Header) -> int | None:
+    """Data bytes of a plain HDU (no groups, no heap), None for anything else."""
+    naxis, bitpix = header.get("NAXIS", 0), header.get("BITPIX")
+    if type(naxis) is not int or type(bitpix) is not int or bitpix not in RAW_DTYPES \
+            or header.get("PCOUNT", 0) != 0 or header.get("GCOUNT", 1) != 1 \
+            or header.get("GROUPS", False):
+        return None
+    dims = [header.get(f"NAXIS{k}") for k in range(1, naxis + 1)]
+    if any(type(d) is not int or d < 0 for d in dims):
+        return None
+    return abs(bitpix) // 8 * int(np.prod(dims, dtype=np.int64)) if naxis else 0
 
 
 def gunzip(path, data: bytes) -> bytes:
@@ -318,7 +523,7 @@ def _check_wcs(path, header, tract, xy0):
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
             w = WCS(header, naxis=2)
-        except Exception as e:  # astropy raises many kinds for broken WCS
+        except Exception as e:  # noqa: BLE001 - astropy raises many kinds for broken WCS
             raise WarpRejected(path, f"IMAGE WCS cannot be parsed: {e}") from None
     if not w.has_celestial or "TAN" not in w.wcs.ctype[0]:
         raise WarpRejected(path, f"IMAGE WCS must be the tract's TAN projection, "
@@ -328,7 +533,7 @@ def _check_wcs(path, header, tract, xy0):
     try:
         world = w.pixel_to_world_values(local[:, 0], local[:, 1])
         tx, ty = tract.wcs().world_to_pixel_values(*world)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - (as above)
         raise WarpRejected(path, f"IMAGE WCS cannot be evaluated: {e}") from None
     err = np.hypot(tx - (local[:, 0] + xy0[0]), ty - (local[:, 1] + xy0[1]))
     if not np.all(np.isfinite(err)) or err.max() > WCS_TOLERANCE_PX:

@@ -9,8 +9,8 @@ file while the caller folds the current one; on a 2-core machine this hides most
 
 At most ``depth`` warps are loaded ahead (each is a few hundred MB for a patch-sized warp),
 and every load runs in the same single thread, so loads never run concurrently with each
-other; within a load, a helper thread hashes the bytes and computes the weight while the
-loader parses and interpolates. Results, including rejections
+other; within a load, the file is hashed as it is read and a helper thread computes the
+weight while the loader interpolates. Results, including rejections
 (:class:`~streamcoadd.core.errors.WarpRejected`), are handed back by :meth:`WarpLoader.take`
 exactly as a synchronous load would produce them.
 """
@@ -36,7 +36,7 @@ class WarpLoader:
         self.depth = max(0, depth)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="warp-loader") \
             if self.depth else None
-        # hashes and weighs while the loader parses and interpolates
+        # weighs while the loader interpolates
         self._aux = ThreadPoolExecutor(1, thread_name_prefix="warp-loader-aux") \
             if self.depth else None
         self._ahead: OrderedDict[str, Future] = OrderedDict()

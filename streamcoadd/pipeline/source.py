@@ -27,11 +27,19 @@ from streamcoadd.core.fold import (
     good_variances,
     prepare_warp,
     shard_inputs,
+    use_reference,
     weight_from_variances,
 )
 from streamcoadd.core.skymap import Box, PatchId, SkyMap, Tract
 from streamcoadd.core.warp import WarpId, file_hash
-from streamcoadd.io.warp_reader import gunzip, int_key, pixel_origin, read_bytes, read_warp
+from streamcoadd.io.warp_reader import (
+    gunzip,
+    int_key,
+    pixel_origin,
+    read_and_hash,
+    read_bytes,
+    read_warp,
+)
 
 #: (inode, size, mtime in ns) of a file: a later change of the file shows as a mismatch
 FileSignature = tuple[int, int, int]
@@ -119,9 +127,10 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig, *,
     patches : iterable of PatchId, optional
         Route to these patches only (see :func:`route`); ``()``: do not route.
     aux : ThreadPoolExecutor, optional
-        A one-thread pool: the SHA-256 runs there while the FITS file is parsed, and the
-        clipped-mean weight (on its own copy of the good variances) while the bad pixels
-        are interpolated.
+        A one-thread pool: the clipped-mean weight (on its own copy of the good
+        variances) runs there while the bad pixels are interpolated (and, with the
+        reference reader, ``STREAMCOADD_REFERENCE=read``, the SHA-256 while the file is
+        parsed; by default the file is hashed while it is read).
 
     Returns
     -------
@@ -134,19 +143,25 @@ def load_warp(path: str, skymap: SkyMap, fold: FoldConfig, *,
         Only if the file cannot be read at all.
     """
     signature = file_signature(path)  # before reading: a later change shows as a mismatch
-    data = read_bytes(path)
-    hashing = aux.submit(file_hash, data) if aux is not None and expect_hash is None else None
-    h = None if hashing else file_hash(data)
+    raw = not use_reference("read")
+    if raw:  # hashed while read; the planes are then views of the buffer, swapped in place
+        data, h = read_and_hash(path)
+        hashing = None
+    else:  # the reference path: the bytes, hashed on ``aux`` while astropy parses a copy
+        data = read_bytes(path)
+        hashing = aux.submit(file_hash, data) if aux is not None and expect_hash is None \
+            else None
+        h = None if hashing else file_hash(data)
     if expect_hash is not None and h != expect_hash:
         return RoutedWarp(path, h, rejection=WarpChanged(path), signature=signature)
     try:
         warp = read_warp(path, skymap, fold.bad_planes, fold.noise_realizations, data=data,
-                         content_hash=h or "")
+                         content_hash=h or "", raw=raw)
     except WarpRejected as e:
         return RoutedWarp(path, h or hashing.result(), rejection=e, signature=signature)
     if hashing is not None:
         h = warp.content_hash = hashing.result()
-    del data  # the parsed arrays are copies; free the raw bytes before preparing
+    del data  # (raw: the planes keep the buffer alive until they are dropped)
     try:
         prepared = _prepare(warp, fold, weight, aux)
         inputs = route(prepared, skymap, fold, patches)
