@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import streamcoadd  # noqa: E402
 from streamcoadd import open_state  # noqa: E402
 from streamcoadd.cli.main import main as cli
+from streamcoadd.core.coadd import coadd_cell  # noqa: E402
 from streamcoadd.core.skymap import CellId, PatchId  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
@@ -75,7 +76,7 @@ def main():
         t2 = time.perf_counter()
         got = st.store.read_cell(cell, band)
         t3 = time.perf_counter()
-        co = streamcoadd.analysis.finalize.coadd_cell(got[0], band, st.skymap.tract(tract), st.fold)
+        co = coadd_cell(got[0], band, st.skymap.tract(tract), st.fold)
         t4 = time.perf_counter()
         # the one-call API a user would time, warm now (same process, files cached)
         co2 = st.cell(cell, band)
@@ -89,7 +90,7 @@ def main():
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        rc = cli.main(["finalize", state, "--out", dest, "--patch", f"{px},{py}", *extra])
+        rc = cli(["finalize", state, "--out", dest, "--patch", f"{px},{py}", *extra])
         t1 = time.perf_counter()
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         c1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -8,9 +8,13 @@ Each warp covers the outer box of one patch (3400 x 3400 px on the LSST skymap) 
   + source Poisson term,
 * masks: a few BAD columns (full and partial), cosmic-ray tracks (CR), saturated cores
   with vertical bleed trails (SAT, image clipped), a few SUSPECT blocks, DETECTED
-  footprints, and for about one visit in four a NO_DATA strip along one edge (a chip gap /
-  field edge), so that the overlap rule excludes some cells for some warps,
-* a 3 x 3 PSF cube (41 x 41 stamps) with a PSFPOS table.
+  footprints, for one visit in three a dead amplifier (a 509 x 2000 px BAD block), and
+  for about one visit in four a NO_DATA strip along one edge (a chip gap / field edge),
+  so that the overlap rule excludes some cells for some warps (issue 17's "realistic
+  masks": bad columns, cosmic rays, saturation bleeds, dead amplifiers, PSF grids on
+  40 % of visits),
+* a PSF cube with a PSFPOS table: 3 x 3 stamps (41 x 41) on 40 % of the visits, one
+  stamp on the others.
 
 Usage (normally called by bench.py)::
 
@@ -167,6 +171,15 @@ def make_warp(shape, visit, seed, stars):
         bw, bh = rng.integers(3, 9, 2)
         mask[by:by + bh, bx:bx + bw] |= BIT["SUSPECT"]
 
+    # --- dead amplifier for one visit in three: an amp-sized block (LSST amps are
+    # 509 x 2000 px) of BAD pixels with garbage values, somewhere in the patch: long
+    # interpolated runs and, where the block meets a NO_DATA strip, orphans
+    if rng.uniform() < 1 / 3:
+        aw, ah = max(2, int(509 * scale)), max(2, int(2000 * h / 3400))
+        ax0, ay0 = rng.integers(0, max(1, w - aw)), rng.integers(0, max(1, h - ah))
+        mask[ay0:ay0 + ah, ax0:ax0 + aw] |= BIT["BAD"]
+        image[ay0:ay0 + ah, ax0:ax0 + aw] = rng.normal(0, 1e4, (min(ah, h - ay0),
+                                                                 min(aw, w - ax0)))
     # --- NO_DATA strip along one edge for one visit in four
     if rng.uniform() < 0.25:
         width = int(rng.uniform(0.02, 0.09) * w)
@@ -177,10 +190,12 @@ def make_warp(shape, visit, seed, stars):
         image[sl] = np.nan
         variance[sl] = np.inf
 
-    # --- PSF cube: 3 x 3 grid of 41 x 41 stamps, positions in local pixels
+    # --- PSF: a 3 x 3 grid of 41 x 41 stamps (positions in local pixels) on 40 % of
+    # the visits, else one stamp at the centre (a cube of one, with its position)
     stamps, pos = [], []
-    for fy in (1 / 6, 1 / 2, 5 / 6):
-        for fx in (1 / 6, 1 / 2, 5 / 6):
+    grid = (1 / 6, 1 / 2, 5 / 6) if rng.uniform() < 0.4 else (1 / 2,)
+    for fy in grid:
+        for fx in grid:
             s = sigma0 * (1 + 0.05 * (fx - 0.5) + 0.03 * (fy - 0.5))
             stamps.append(gaussian_stamp(s, 20))
             pos.append((fx * w, fy * h))
