@@ -1,10 +1,10 @@
 """streamcoadd: streaming, crash-safe cell-based coadds with persistent HDF5 accumulators."""
 
 from streamcoadd.core.skymap import Box, CellId, PatchId, load_skymap
-
-__all__ = ["open_state", "State", "TractView", "PatchView", "CellView", "load_skymap", "Box",
-           "CellId", "PatchId"]
 from streamcoadd.core.version import __version__
+
+__all__ = ["__version__", "open_state", "State", "TractView", "PatchView", "CellView",
+           "load_skymap", "Box", "CellId", "PatchId"]
 
 _READER = ("open_state", "State", "TractView", "PatchView", "CellView")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamcoadd.core.errors import UserError
 from streamcoadd.core.skymap import Box, SkyMap, Tract
+from streamcoadd.io.optional import require
 
 INSTALL_HINT = "--butler needs Python >= 3.12 and pip install 'streamcoadd[rubin]'"
 DEFAULT_COLLECTION = "streamcoadd/deep_coadd"
@@ -44,14 +43,7 @@ DEFAULT_DATASET_TYPE = "deep_coadd"
 def require_butler() -> None:
     """Raise :class:`UserError` with one line saying what to install when
     lsst-daf-butler is not importable."""
-    if sys.version_info < (3, 12):
-        raise UserError(f"{INSTALL_HINT} (this is Python "
-                        f"{sys.version_info.major}.{sys.version_info.minor})")
-    try:
-        import lsst.daf.butler
-        import lsst.sphgeom  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"{INSTALL_HINT} ({e})") from None
+    require(("lsst.daf.butler", "lsst.sphgeom"), INSTALL_HINT)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from astropy.wcs import WCS
 
 from streamcoadd.core.errors import UserError
 from streamcoadd.core.skymap import Box
+from streamcoadd.io.optional import require
 
 INSTALL_HINT = ("--format lsst-images needs Python >= 3.12 and "
                 "pip install 'streamcoadd[rubin]'")
@@ -51,14 +51,7 @@ class Compression(str, Enum):
 def require_lsst() -> None:
     """Raise :class:`UserError` with one line saying what to install when lsst-images
     (or the ``requests`` it imports when reading) is not importable."""
-    if sys.version_info < (3, 12):
-        raise UserError(f"{INSTALL_HINT} (this is Python "
-                        f"{sys.version_info.major}.{sys.version_info.minor})")
-    try:
-        import lsst.images
-        import lsst.images.cells  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"{INSTALL_HINT} ({e})") from None
+    require(("lsst.images", "lsst.images.cells"), INSTALL_HINT)
     # lsst-resources imports requests when a CellCoadd is read, without declaring it
     if importlib.util.find_spec("requests") is None:
         raise UserError(f"{INSTALL_HINT} (requests is missing)")
