@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from streamcoadd.core.fold import CellAccumulator, CellSums, Contributor
+from streamcoadd.core.fold import COUNT_DTYPE, CellAccumulator, CellSums, Contributor
 from streamcoadd.core.skymap import Box, CellId, PatchId
 from streamcoadd.store import format as fmt
 from streamcoadd.store.cellfile import (
@@ -48,14 +48,14 @@ def _sums(rng, shape, n, partial: bool):
     s.psf_w, s.w_full, s.w_peak, s.n_full = 3.5, 2.25, 4.0, 3
     if partial:
         s.w_partial = np.where(rng.random(shape) < 0.5, 0.75, 0.0)
-        s.n_partial = (s.w_partial > 0).astype(np.int32)
+        s.n_partial = (s.w_partial > 0).astype(COUNT_DTYPE)
     sparse = np.zeros(shape)
     sparse[2, 3] = 0.5
     s.interp = sparse
-    s.n_interp = (sparse > 0).astype(np.int32)
+    s.n_interp = (sparse > 0).astype(COUNT_DTYPE)
     s.planes = {"SAT": sparse * 2}
-    s.plane_counts = {"SAT": (sparse > 0).astype(np.int32)}
-    s.bit_counts = {1: (sparse > 0).astype(np.int32), 5: rng.integers(0, 3, shape, np.int32)}
+    s.plane_counts = {"SAT": (sparse > 0).astype(COUNT_DTYPE)}
+    s.bit_counts = {1: (sparse > 0).astype(COUNT_DTYPE), 5: rng.integers(0, 3, shape).astype(COUNT_DTYPE)}
     s.contributors = [_contributor(rng, i) for i in range(n)]
     s.counted = True
     return s

@@ -25,7 +25,7 @@ from astropy.stats import SigmaClip
 
 from streamcoadd.core import kernels
 from streamcoadd.core.config import FoldConfig
-from streamcoadd.core.errors import WarpRejected
+from streamcoadd.core.errors import StateError, WarpRejected
 from streamcoadd.core.masks import CANONICAL_PLANES, bitmask
 from streamcoadd.core.psf import psf_moments, resize_stamp
 from streamcoadd.core.skymap import Box, CellId, PatchId, Tract
@@ -47,6 +47,13 @@ def use_reference(what: str) -> bool:
 
 
 # --------------------------------------------------------------------------- warp level
+
+# Integer per-pixel counts (inputs with data, interpolated, per mask bit and plane) are
+# uint16: half the memory of int32 (a patch warp dirties ~680 cells; their counts are a
+# third of a cell's bytes), exact up to MAX_INPUTS inputs in one group of one cell --
+# decades of LSST depth; fold_cell refuses to go past it rather than wrap.
+COUNT_DTYPE = np.dtype(np.uint16)
+MAX_INPUTS = int(np.iinfo(COUNT_DTYPE).max)
 
 @dataclass
 class PreparedWarp:
@@ -380,12 +387,12 @@ class CellSums:
       box: a scalar) + ``w_partial`` (per-pixel weight of the other inputs, or None);
     - ``sum_w_interp`` (weight that came from interpolated pixels): allocated on first use
       (None = all zero);
-    - ``bit_counts[bit]``: number of inputs with that mask bit set (int32); ``mask_or``
+    - ``bit_counts[bit]``: number of inputs with that mask bit set; ``mask_or``
       (OR of the inputs' kept mask bits) is derived from them, unless ``mask_bits`` holds
       it (a cell read for a coadd only, without its counts);
     - ``planes[name]``: weight of inputs carrying that propagated plane.
 
-    Integer counts (int32 arrays of the outer shape; None / absent = all zero) decide
+    Integer counts (COUNT_DTYPE arrays of the outer shape; None / absent = all zero) decide
     coverage and flags, so that a retraction is exact (the float sums are snapped to exactly
     0 where a count reaches 0):
 
@@ -411,7 +418,7 @@ class CellSums:
     interp: np.ndarray | None = None
     mask_bits: np.ndarray | None = None
     planes: dict[str, np.ndarray] = field(default_factory=dict)
-    bit_counts: dict[int, np.ndarray] = field(default_factory=dict)  # bit -> int32 count
+    bit_counts: dict[int, np.ndarray] = field(default_factory=dict)  # bit -> count of inputs
     contributors: list[Contributor] = field(default_factory=list)
     n_full: int = 0
     n_partial: np.ndarray | None = None
@@ -557,6 +564,10 @@ def fold_cell(acc: CellAccumulator, cin: CellInput, pw: PreparedWarp,
     if sums is None:
         sums = acc.groups[name] = CellSums.zeros(acc.outer.shape, config.psf_size,
                                                  config.noise_realizations)
+    if len(sums.contributors) >= MAX_INPUTS:  # the uint16 counts would wrap
+        raise StateError(f"cell {acc.cell} already holds {MAX_INPUTS} {name} inputs, the most "
+                         "its integer counts can count; retract old visits or start a new "
+                         "state for further epochs")
     fold_pixels(sums, pw, acc.outer)
     w = np.float64(pw.weight)
     raw = pw.warp.psf.at(*cin.centre)
@@ -643,7 +654,7 @@ def fold_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 1) -> 
 # stand-ins for the arrays a kernel does not touch (its flag is off): numba needs arrays
 # of the right dtype and rank
 _NONE_F64 = np.zeros((1, 1), np.float64)
-_NONE_I32 = np.zeros((1, 1), np.int32)
+_NONE_COUNT = np.zeros((1, 1), COUNT_DTYPE)
 
 
 def accumulate_pixels_fused(sums: CellSums, pw: PreparedWarp, outer: Box,
@@ -677,21 +688,21 @@ def accumulate_pixels_fused(sums: CellSums, pw: PreparedWarp, outer: Box,
         if sums.w_partial is None:
             sums.w_partial = sums.plane_zeros(np.float64)
         if sums.counted and sums.n_partial is None:
-            sums.n_partial = sums.plane_zeros(np.int32)
+            sums.n_partial = sums.plane_zeros(COUNT_DTYPE)
     if any_bad:
         if sums.interp is None:
             sums.interp = sums.plane_zeros(np.float64)
         if sums.counted and sums.n_interp is None:
-            sums.n_interp = sums.plane_zeros(np.int32)
+            sums.n_interp = sums.plane_zeros(COUNT_DTYPE)
     if pw.w_image is not None:  # precomputed w·I, w²·var: multiply by ±1 (exact)
         img, var, f_img, f_var = pw.w_image, pw.w2_variance, np.float64(sign), 1.0
     else:
         img, var, f_img, f_var = pw.image, pw.variance, ws_, w
     kernels.fold_box(
         sums.sum_wI, sums.sum_w2var, ay, ax, img, var, by, bx, h, wd, f_img, f_var, ws_, valid,
-        partial, _or(sums.w_partial, _NONE_F64), _or(sums.n_partial, _NONE_I32),
+        partial, _or(sums.w_partial, _NONE_F64), _or(sums.n_partial, _NONE_COUNT),
         partial and sums.counted, bad, any_bad, _or(sums.interp, _NONE_F64),
-        _or(sums.n_interp, _NONE_I32), any_bad and sums.counted, isign)
+        _or(sums.n_interp, _NONE_COUNT), any_bad and sums.counted, isign)
     for k, noise in enumerate(pw.noise):
         kernels.add_scaled_box(sums.noise[k], ay, ax, noise, by, bx, h, wd, ws_, valid,
                                partial)
@@ -701,7 +712,7 @@ def accumulate_pixels_fused(sums: CellSums, pw: PreparedWarp, outer: Box,
             if bits >> bit & 1:
                 cnt = sums.bit_counts.get(bit)
                 if cnt is None:
-                    cnt = sums.bit_counts[bit] = sums.plane_zeros(np.int32)
+                    cnt = sums.bit_counts[bit] = sums.plane_zeros(COUNT_DTYPE)
                 kernels.count_bit_box(cnt, ay, ax, or_mask, by, bx, h, wd, np.int32(bit),
                                       isign)
         sums.mask_bits = None  # mask_or is derived from the counts from now on
@@ -725,9 +736,9 @@ def _fold_planes(sums: CellSums, pw: PreparedWarp, ws, box: tuple, ws_: np.float
             arr = sums.planes[name] = sums.plane_zeros(np.float64)
         cnt = sums.plane_counts.get(name) if sums.counted else None
         if sums.counted and cnt is None:
-            cnt = sums.plane_counts[name] = sums.plane_zeros(np.int32)
+            cnt = sums.plane_counts[name] = sums.plane_zeros(COUNT_DTYPE)
         ay, ax, by, bx, h, wd = box
-        kernels.add_plane_box(arr, _or(cnt, _NONE_I32), sums.counted, plane, ay, ax, by, bx,
+        kernels.add_plane_box(arr, _or(cnt, _NONE_COUNT), sums.counted, plane, ay, ax, by, bx,
                               h, wd, ws_, isign)
 
 
@@ -786,7 +797,7 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
             if sums.counted:
                 cnt = sums.plane_counts.get(name)
                 if cnt is None:
-                    cnt = sums.plane_counts[name] = sums.plane_zeros(np.int32)
+                    cnt = sums.plane_counts[name] = sums.plane_zeros(COUNT_DTYPE)
                 _add_int(cnt[cs], p, sign)
     _count_bits(sums, pw.or_mask[ws], cs, sign)
     if sign < 0:
@@ -794,19 +805,21 @@ def accumulate_pixels(sums: CellSums, pw: PreparedWarp, outer: Box, sign: int = 
 
 
 def _add_count(sums: CellSums, name: str, cs, where: np.ndarray, sign: int) -> None:
-    """``sums.<name>[cs] += sign * where`` on an int32 count plane allocated on first use."""
+    """``sums.<name>[cs] += sign * where`` on a count plane allocated on first use."""
     cnt = getattr(sums, name)
     if cnt is None:
-        cnt = sums.plane_zeros(np.int32)
+        cnt = sums.plane_zeros(COUNT_DTYPE)
         setattr(sums, name, cnt)
     _add_int(cnt[cs], where, sign)
 
 
 def _add_int(view: np.ndarray, where: np.ndarray, sign: int) -> None:
+    """``view += sign * where`` on a count plane (modular in COUNT_DTYPE, exact because a
+    count never leaves 0..MAX_INPUTS: see :func:`fold_cell`)."""
     if sign > 0:
-        view += where
+        np.add(view, where, out=view, casting="unsafe")
     else:
-        view -= where
+        np.subtract(view, where, out=view, casting="unsafe")
 
 
 def _count_bits(sums: CellSums, or_mask: np.ndarray, cs, sign: int) -> None:
@@ -818,7 +831,7 @@ def _count_bits(sums: CellSums, or_mask: np.ndarray, cs, sign: int) -> None:
         if bits >> bit & 1:
             cnt = sums.bit_counts.get(bit)
             if cnt is None:
-                cnt = sums.bit_counts[bit] = sums.plane_zeros(np.int32)
+                cnt = sums.bit_counts[bit] = sums.plane_zeros(COUNT_DTYPE)
             # one bit in the cell (the usual case): its pixels are the non-zero ones
             has_bit = or_mask != 0 if bits == 1 << bit else (or_mask >> bit) & 1
             _add_int(cnt[cs], has_bit, sign)

@@ -6,7 +6,7 @@ afterwards, so a reader always sees it whole.
 Version 3 (written now; state format 2) holds few HDF5 objects and no attributes: a JSON
 ``header`` dataset (identity, scalars, the layer list and the CRC-32 of every other
 dataset, itself followed by its own CRC-32), and per input group ``{g}.f8`` (the dense
-float64 planes stacked, (k, H, W)), ``{g}.i4`` (the dense int32 count planes stacked),
+float64 planes stacked, (k, H, W)), ``{g}.u2`` (the dense uint16 count planes stacked),
 ``{g}.sparse`` (the mostly-zero planes of both kinds as one (layer, index, value) table),
 ``{g}.psf``, ``{g}.contributors`` (rows of :data:`~streamcoadd.store.format.CONTRIBUTOR_SCHEMA`)
 and ``{g}.footprints`` (their polygon vertices). Versions 1 and 2 (one dataset per plane,
@@ -30,7 +30,13 @@ import numpy as np
 from h5py import h5a, h5d, h5s, h5t
 
 from streamcoadd.core.errors import StateError
-from streamcoadd.core.fold import GROUPS, CellAccumulator, CellSums, Contributor
+from streamcoadd.core.fold import (
+    COUNT_DTYPE,
+    GROUPS,
+    CellAccumulator,
+    CellSums,
+    Contributor,
+)
 from streamcoadd.core.skymap import Box, CellId, PatchId
 from streamcoadd.store import durable
 from streamcoadd.store.durable import crash_point, fsync_file
@@ -56,10 +62,10 @@ SUMS_FIELDS_STORED = {
     "noise": "f8 layers noise/k", "psf_sum": "{g}.psf", "psf_w": "header",
     "w_full": "header", "w_partial": "f8 layer (absent: None)",
     "interp": "f8 layer (absent: None)", "mask_bits": "derived from bit_counts",
-    "planes": "f8 layers planes/NAME", "bit_counts": "i4 layers bit_counts/BIT",
+    "planes": "f8 layers planes/NAME", "bit_counts": "u2 layers bit_counts/BIT",
     "contributors": "{g}.contributors + {g}.footprints", "n_full": "header",
-    "n_partial": "i4 layer (absent: None)", "n_interp": "i4 layer (absent: None)",
-    "plane_counts": "i4 layers plane_counts/NAME", "counted": "header counts",
+    "n_partial": "u2 layer (absent: None)", "n_interp": "u2 layer (absent: None)",
+    "plane_counts": "u2 layers plane_counts/NAME", "counted": "header counts",
     "w_peak": "header",
 }
 
@@ -214,10 +220,10 @@ def _put(fid, name: str, data: np.ndarray, crcs: dict) -> None:
 
 def _group_datasets(name: str, sums: CellSums) -> tuple[dict, dict[str, np.ndarray]]:
     """The header entry and the datasets of one input group."""
-    layers, dense, sparse = [], {"f8": [], "i4": []}, []
+    layers, dense, sparse = [], {"f8": [], "u2": []}, []
     counts = counts_of(sums)
     for lname, plane in _layers(sums, counts):
-        kind = "i4" if plane.dtype.kind in "iu" else "f8"
+        kind = "u2" if plane.dtype.kind in "iu" else "f8"  # counts: COUNT_DTYPE
         enc, arg = encode_plane(plane)
         if enc == "dense":
             arg = len(dense[kind])
@@ -340,7 +346,7 @@ def _read_group_v3(fid, name: str, head: dict, header: dict, shape, where: str,
     """One group of a version-3 file as a CellSums."""
     present = set(header["crc32"])
     stacks = {k: _checked(fid, f"{name}.{k}", header, where)
-              for k in ("f8", "i4") if f"{name}.{k}" in present}
+              for k in ("f8", "u2") if f"{name}.{k}" in present}
     sparse = (_checked(fid, f"{name}.sparse", header, where)
               if f"{name}.sparse" in present else np.zeros(0, SPARSE_DTYPE))
     bounds = np.searchsorted(sparse["layer"], np.arange(len(head["layers"]) + 1))
@@ -422,7 +428,7 @@ def derive_counts(sums: CellSums) -> dict:
     exact = sums.w_partial is None and sums.interp is None and not sums.planes
 
     def upper(plane):
-        return None if plane is None else np.where(plane > 0, n, 0).astype(np.int32)
+        return None if plane is None else np.where(plane > 0, n, 0).astype(COUNT_DTYPE)
 
     if sums.w_partial is None:
         n_full, n_partial = n, None
@@ -493,7 +499,7 @@ def _read_group_v12(g: h5py.Group, shape, where: str) -> CellSums:
         planes={k.decode(): _read_v12(sub["planes"], k.decode(), f"{where}/planes")
                 for k in sub.get("planes", ())},
         bit_counts={int(k): _read_v12(sub["bit_counts"], k.decode(), f"{where}/bit_counts")
-                    for k in sub.get("bit_counts", ())},
+                    .astype(COUNT_DTYPE) for k in sub.get("bit_counts", ())},
         contributors=contributors_from_arrays(_read_v12(gid, "contributors", where), None))
     counts = derive_counts(sums)
     for k, v in counts.items():
