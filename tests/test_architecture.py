@@ -30,6 +30,7 @@ LAZY_OK = ("galsim", "matplotlib", "dask", "distributed", "lsst", "tqdm",
 # first use, so that ``import streamcoadd`` stays cheap for the writers.
 LAZY_OK_IN = {("streamcoadd/__init__.py", "streamcoadd.analysis")}
 MAX_CLASS_LINES = 300
+MAX_FUNCTION_LINES = 60
 
 
 def modules():
@@ -106,3 +107,18 @@ def test_every_layer_says_what_it_owns():
     for layer in ("core", "io", "store", "pipeline", "analysis", "service", "cli"):
         doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text()))
         assert doc and "TODO" not in doc and "import" in doc, f"{layer}/__init__.py docstring"
+
+
+def test_long_functions_say_why():
+    """A function over ~60 lines carries a ``# Long because ...`` comment above it."""
+    silent = []
+    for path in modules():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+                above = "\n".join(lines[max(0, first - 4):first])
+                if "# Long because" not in above:
+                    silent.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not silent, "functions over ~60 lines without a reason:\n" + "\n".join(silent)

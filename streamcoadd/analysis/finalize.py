@@ -379,6 +379,8 @@ def _remove(path: Path) -> None:
         pass
 
 
+# Long because one transaction: the output files, the workers and the prefetch are set up,
+# run and torn down under one try/finally, so a failure leaves no partial file behind.
 def finalize_patch(store, skymap_name: str, patch: PatchId, band: str, cells: list[CellId],
                    out_stem, stitched: bool = True, workers: int | None = None) -> int:
     """Finalize ``cells`` (populated cells of one patch and band) into

@@ -80,6 +80,8 @@ def _crop(stamp, size, half):
     return resize_stamp(stamp, size)[c - half:c + half + 1, c - half:c + half + 1]
 
 
+# Long because one pass over the stars; each column of the measurement table is computed
+# where its inputs are at hand.
 def measure(state, sim_dir, band: str = "r", half: int = 12) -> Table:
     """One row per truth star measured (each star once, in the first cell that holds it).
 

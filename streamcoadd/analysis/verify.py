@@ -198,6 +198,8 @@ class _Checker:
                          f"'{'folded' if n else 'no_cells'}' WHERE content_hash='{h}'\"")
 
     # ------------------------------------------------------------------ shards
+    # Long because a checklist of independent checks, read top to bottom, each with its own
+    # message.
     def check_shard(self, d: Path) -> None:
         mpath = d / fmt.MANIFEST
         if not mpath.exists():
@@ -260,6 +262,8 @@ class _Checker:
             elif f.name.endswith(".tmp"):
                 self.debris(f, "temporary file of an interrupted commit")
 
+    # Long because a checklist of independent checks, read top to bottom, each with its own
+    # message.
     def check_cell(self, path, d, wmap, tract, px, py, band, cx, cy, gen) -> set[str] | None:
         where = f"cell {cx}-{cy} of {d.relative_to(self.root)}"
         if not path.exists():

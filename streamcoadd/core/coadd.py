@@ -66,6 +66,8 @@ class CellCoadd:
         return plane[self.inner_box.slices((self.outer_box.x0, self.outer_box.y0))]
 
 
+# Long because the finalize formulas, one plane after the other in the order docs/state-
+# format.md gives them, with their docstring.
 def coadd_planes(sums, config: FoldConfig, out: dict | None = None) -> dict:
     """The finalize formulas (module docstring) on one group's sums.
 

@@ -258,6 +258,7 @@ def valid_footprint(valid: np.ndarray, xy0: tuple[int, int]) -> tuple[tuple[floa
     return tuple((float(pts[i, 0]), float(pts[i, 1])) for i in hull.vertices)
 
 
+# Long because half of it is the docstring saying exactly what happens at gaps and edges.
 def interpolate_bad_pixels(planes: list[np.ndarray], valid: np.ndarray,
                            bad: np.ndarray, inplace: bool = False) -> list[np.ndarray]:
     """Fill ``bad`` pixels of each plane from good neighbours; zero pixels outside ``valid``.
@@ -657,6 +658,8 @@ _NONE_F64 = np.zeros((1, 1), np.float64)
 _NONE_COUNT = np.zeros((1, 1), COUNT_DTYPE)
 
 
+# Long because the docstring and the plumbing of one kernel call (which planes exist decides
+# its arguments).
 def accumulate_pixels_fused(sums: CellSums, pw: PreparedWarp, outer: Box,
                             sign: int = 1) -> None:
     """:func:`accumulate_pixels` by the numba kernels of :mod:`streamcoadd.core.kernels`:

@@ -415,6 +415,7 @@ def add_defects(rng, img, mask, foot: np.ndarray, lattice: CellLattice, region: 
 
 # ---------------------------------------------------------------- driver
 
+# Long because the simulation recipe, step by step, as docs/science.md describes it.
 def simulate(outdir, skymap=None, visits: int = 6, seed: int = 0, band: str = "r",
              detectors: int = 2, psf_grid: bool = True, noise_realizations: int = 0,
              stars_only: bool = False, defects: bool = True, high_snr: bool = False,

@@ -95,6 +95,8 @@ MAX_TFIELDS = 999  # the FITS standard's limit
 MAX_NAXIS = 3  # a warp's HDUs are 2-D images, a 3-D PSF cube, or a (2-D) table
 
 
+# Long because one walk over a possibly hostile file's headers before astropy allocates
+# anything.
 def _check_declared_sizes(path: str, data: bytes) -> None:
     """Walk the HDU headers and refuse absurd dimensions before astropy sees them: astropy
     loops over ``range(NAXIS)`` (NAXIS = 10**9 in a tiny file would run for hours and eat
@@ -403,6 +405,8 @@ def int_key(path, header, key, where="primary header"):
     return int(v)
 
 
+# Long because the SPEC section 2 validation list, one check and one message after the
+# other.
 def _parse(path, content_hash, hdul, skymap, bad_planes, noise_realizations) -> Warp:
     ph = hdul[0].header
     visit = int_key(path, ph, "VISIT")

@@ -107,6 +107,7 @@ def route(prepared: PreparedWarp, skymap: SkyMap, fold: FoldConfig,
     return {patch: shard_inputs(prepared, tract, patch, fold) for patch in patches}
 
 
+# Long because half of it is the numpydoc docstring; the body is the one read-to-route path.
 def load_warp(path: str, skymap: SkyMap, fold: FoldConfig, *,
               expect_hash: str | None = None, weight: float | None = None,
               patches: Iterable[PatchId] | None = None,
