@@ -12,12 +12,14 @@ import io
 import logging
 import os
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS, FITSFixedWarning
 
 from streamcoadd.core.errors import UserError, WarpRejected
 from streamcoadd.core.masks import bitmask, planes_from_header, remap_to_canonical
@@ -298,8 +300,6 @@ def open_raw(data) -> RawHDUList | None:
 
 
 def _open_raw(mv: memoryview) -> RawHDUList | None:
-    from astropy.io.fits.hdu.base import _BaseHDU  # (astropy's own one-HDU parser)
-
     n = len(mv)
     out = RawHDUList()
     pos = 0
@@ -334,7 +334,7 @@ def _open_raw(mv: memoryview) -> RawHDUList | None:
                                 count=size // (abs(bitpix) // 8), offset=start)
             out.append(RawHDU(str(header.get("EXTNAME", "")), header, arr.reshape(dims)))
         else:
-            hdu = _BaseHDU.fromstring(bytes(mv[pos:stop]))
+            hdu = fits.HDUList.fromstring(bytes(mv[pos:stop]))[0]  # astropy's own parser
             hdu_data = hdu.data  # (parsed now: the HDU holds its own copy)
             out.append(RawHDU(hdu.name, hdu.header, hdu_data))
         pos = stop
@@ -368,8 +368,6 @@ def _plain_data_size(header: fits.Header) -> int | None:
 
 def gunzip(path, data: bytes) -> bytes:
     """Decompress a gzipped warp (``.fits.gz``), refusing absurd expansion."""
-    import zlib
-
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         out = d.decompress(data, MAX_WARP_BYTES)
@@ -521,7 +519,6 @@ def pixel_origin(path, h) -> tuple[int, int]:
 
 def _check_wcs(path, header, tract, xy0):
     """The IMAGE WCS must be the tract's grid shifted to ``xy0``."""
-    from astropy.wcs import WCS, FITSFixedWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from astropy.io import fits
+
 from streamcoadd.core.config import FoldConfig
 from streamcoadd.core.errors import WarpRejected
 from streamcoadd.core.fold import (
@@ -206,8 +208,6 @@ def probe_warp(path: str, data: bytes, skymap: SkyMap, fold: FoldConfig) -> Warp
     """Identity, band and pixel box from the primary and IMAGE headers of the file's
     ``data`` (cheap: no pixel is decoded). Anything odd falls back to the full reader,
     whose rejection message is the reference one (raises :class:`WarpRejected`)."""
-    from astropy.io import fits  # (astropy is loaded by the reader anyway)
-
     try:
         raw = gunzip(path, data) if data[:2] == b"\x1f\x8b" else data
         with warnings.catch_warnings():
