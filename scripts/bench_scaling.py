@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamcoadd.core.masks import CANONICAL_PLANES  # noqa: E402
-from streamcoadd.core.skymap import load_skymap  # noqa: E402
+from streamcoadd.core.skymap import load_skymap, skymap_from_dict  # noqa: E402
 from streamcoadd.io.warp_writer import write_warp  # noqa: E402
 
 BIT = {k: np.int32(1 << v) for k, v in CANONICAL_PLANES.items()}
@@ -50,20 +50,10 @@ RUBIN_CORE_S_PER_PATCH_BAND = 165.0  # DP2 AssembleCellCoadd, RTN-109
 
 
 def skymap_toml(path: Path, patches: int) -> Path:
-    path.write_text(f"""[skymap]
-name = "bench_scaling"
-[cells]
-inner = 150
-border = 50
-cells_per_patch_inner = 20
-cells_in_patch_border = 1
-[[tract]]
-id = 0
-ra = 150.0
-dec = 2.2
-pixel_scale = 0.2
-num_patches = [{patches}, {patches}]
-""")
+    """An LSST-geometry skymap (lsst_cells_v1-like cells) of one P x P-patch tract."""
+    lsst = load_skymap(ROOT / "config" / "skymap-lsst.toml").to_dict()
+    tract = dict(lsst["tract"][0], id=0, num_patches=[patches, patches])
+    path.write_text(skymap_from_dict(dict(lsst, skymap={"name": "bench_scaling"}, tract=[tract])).to_toml())
     return path
 
 
