@@ -91,6 +91,10 @@ class LocalIngestor:
         t0 = time.perf_counter()
         path = str(path)
         copy = False
+        # Clean cells (a cache of committed ones) give way before this warp adds its own,
+        # so clean + dirty stay within cache_gb plus one warp's cells; only commits trimmed
+        # before, and warps spread over many patches (detector warps) held twice that.
+        self.store.trim_cache(self.store.cache_bytes)
         try:
             outcome, copy = self._submit(path, then)
         except WarpRejected as e:
