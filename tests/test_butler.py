@@ -6,33 +6,20 @@ dimension records are those lsst.skymap would register.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
+from common import SKYMAP_FILE, TRACT, skip_module_without_rubin
 
-if sys.version_info < (3, 12):
-    pytest.skip("lsst-daf-butler needs Python >= 3.12", allow_module_level=True)
-try:
-    import lsst.daf.butler
-    import lsst.images
-    import requests
-except ImportError as e:
-    pytest.skip(f"lsst-images / lsst-daf-butler not installed ({e}): pip install "
-                "'streamcoadd[rubin]'", allow_module_level=True)
+skip_module_without_rubin()
 
-
-from common import ROOT
 from lsst.daf.butler import Butler
 from lsst.images import Box as LsstBox
 from lsst.sphgeom import LonLat, UnitVector3d
 from warpgen import make_warp
 
 from streamcoadd.cli.main import main
-from streamcoadd.core.skymap import PatchId, load_skymap
+from streamcoadd.core.skymap import PatchId
 
-SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
-TRACT = load_skymap(SKYMAP_FILE).tract(0)
 COLLECTION = "streamcoadd/deep_coadd"
 
 

@@ -16,14 +16,10 @@ import sys
 import numpy as np
 import pytest
 from astropy.io import fits
-from common import ROOT
+from common import ROOT, SKYMAP_FILE, TRACT
 from warpgen import make_warp
 
 from streamcoadd.cli.main import main
-from streamcoadd.core.skymap import load_skymap
-
-SKYMAP_FILE = ROOT / "config" / "skymap-demo.toml"
-TRACT = load_skymap(SKYMAP_FILE).tract(0)
 
 
 @pytest.fixture(scope="module")

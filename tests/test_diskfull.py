@@ -277,7 +277,6 @@ def test_daemon_on_a_full_disk(small_tmpfs, warps_and_ref, tmp_path):
     consistent, and a restart after space is freed folds the rest: the same coadd as an
     uninterrupted run. The default, pausing and resuming in-process, is tested in
     tests/test_daemon_diskfull.py."""
-    pytest.importorskip("streamcoadd.service.daemon")
     warps, ref = warps_and_ref
     mnt = small_tmpfs
     need = du(ref)

@@ -13,26 +13,16 @@ coordinates at cell centres within 1 mas of astropy on the tract WCS, a sub-regi
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from common import SKYMAP_FILE, skip_module_without_rubin
 
-if sys.version_info < (3, 12):
-    pytest.skip("lsst-images needs Python >= 3.12", allow_module_level=True)
-try:
-    import lsst.daf.butler
-    import lsst.images
-    import requests
-except ImportError as e:
-    pytest.skip(f"lsst-images / lsst-daf-butler not installed ({e}): pip install "
-                "'streamcoadd[rubin]'", allow_module_level=True)
+skip_module_without_rubin()
 
-
-import astropy.units as u
-from common import ROOT
+import astropy.units as u  # noqa: E402
 from lsst.images import Box as LsstBox
 from lsst.images.cells import CellCoadd, CellIJ
 from matplotlib.path import Path as MplPath
@@ -42,7 +32,7 @@ from warpgen import make_warp, stack_warp_set
 from streamcoadd.core.config import FoldConfig
 from streamcoadd.core.skymap import Box, PatchId, load_skymap, skymap_from_dict
 
-DEMO = ROOT / "config" / "skymap-demo.toml"
+DEMO = SKYMAP_FILE
 FOLD = FoldConfig(noise_realizations=1)
 
 

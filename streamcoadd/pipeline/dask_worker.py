@@ -174,7 +174,7 @@ def fold_shard_batch(root: str, shard_key: ShardKey, warps: list[tuple[str, str]
     tract_id, px, py, band = shard_key
     patch = PatchId(tract_id, px, py)
     store = _worker_store(root)
-    store.cache_bytes = cache_bytes
+    store.tune(cache_bytes)
     last: BaseException | None = None
     read0 = _counters["warps_read"]
     order = _warp_order(warps)
@@ -219,7 +219,7 @@ def fold_shards(root: str, groups: list[tuple[ShardKey, list[tuple[str, str]]]],
     t0 = time.perf_counter()
     read0 = _counters["warps_read"]
     store = _worker_store(root)
-    store.cache_bytes = cache_bytes
+    store.tune(cache_bytes)
     run = _MultiShardRun(store, groups, prepared_cache_bytes)
     try:
         run.fold_all()

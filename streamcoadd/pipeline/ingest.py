@@ -17,7 +17,12 @@ from dataclasses import replace
 from streamcoadd.core.config import RunConfig
 from streamcoadd.core.errors import WarpRejected
 from streamcoadd.core.fold import CellInput
-from streamcoadd.pipeline.admission import Admission, ContentVerdict, ShardVerdict, shard_verdict
+from streamcoadd.pipeline.admission import (
+    Admission,
+    ContentVerdict,
+    ShardVerdict,
+    shard_verdict,
+)
 from streamcoadd.pipeline.fold_step import fold_into_shard
 from streamcoadd.pipeline.loader import WarpLoader
 from streamcoadd.pipeline.memory import retain_freed_memory
@@ -57,8 +62,7 @@ class LocalIngestor:
         self.store = store
         self.run = run
         self.admission = Admission(store, allow_refold)
-        store.cache_bytes = int(run.cache_gb * 1e9)
-        store.commit_processes = run.commit_processes
+        store.tune(int(run.cache_gb * 1e9), run.commit_processes)
         self.loader = WarpLoader(store.skymap, store.fold, depth=run.prefetch)
         self._pending: list[Outcome] = []
         self._copies: list[Outcome] = []  # in-batch duplicates, released at the commit
@@ -92,8 +96,8 @@ class LocalIngestor:
         path = str(path)
         copy = False
         # Clean cells (a cache of committed ones) give way before this warp adds its own,
-        # so clean + dirty stay within cache_gb plus one warp's cells; only commits trimmed
-        # before, and warps spread over many patches (detector warps) held twice that.
+        # so clean + dirty stay within cache_gb plus one warp's cells, also for warps
+        # spread over many patches (detector warps), which leave many clean cells behind.
         self.store.trim_cache(self.store.cache_bytes)
         try:
             outcome, copy = self._submit(path, then)

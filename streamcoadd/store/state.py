@@ -52,7 +52,6 @@ from streamcoadd.store.commit import (
     remove_debris,
 )
 from streamcoadd.store.durable import (
-    crash_point,
     fsync_dir,
     makedirs_durable,
     write_atomic,
@@ -110,6 +109,7 @@ class StateStore:
         self._lock_fd = None
         self.shards: dict[tuple[PatchId, str], Shard] = {}
         self.bytes_written = 0  # cell files and manifests written by this process
+        self.cache_bytes, self.commit_processes = int(2e9), 1  # see tune()
         if write and not shard_locking:
             self._take_lock()
         self.ledger = Ledger(root / fmt.LEDGER, write=write and not shard_locking)
@@ -247,18 +247,9 @@ class StateStore:
             # Under the shard's lock: a distributed worker (shard-locking mode) of an
             # earlier run may still be committing this shard; its new generations are
             # not yet named by the manifest and must not be taken for debris.
-            with _shard_lock(d):
-                for tmp in d.glob(f"*{fmt.TMP_SUFFIX}"):
-                    tmp.unlink()
-                    removed.append(tmp)
-                    crash_point("debris-removed")
-                if (d / fmt.MANIFEST).exists():
-                    tract, px, py, band = fmt.parse_shard_relpath(d.parts[-3:])
-                    removed += self._recover_shard(PatchId(tract, px, py), band)
-                else:
-                    for f in [f for f in d.iterdir() if fmt.CELL_RE.match(f.name)]:
-                        f.unlink()
-                        removed.append(f)
+            with _shard_lock(d):  # (no manifest: every cell file is debris)
+                tract, px, py, band = fmt.parse_shard_relpath(d.parts[-3:])
+                removed += self._recover_shard(PatchId(tract, px, py), band)
         return removed
 
     def _recover_shard(self, patch: PatchId, band: str) -> list[Path]:
@@ -345,8 +336,12 @@ class StateStore:
             raise StateWriteError(write_error_message(str(where), e), e.errno) from e
         self.trim_cache(self.cache_bytes)
 
-    cache_bytes: int = int(2e9)
-    commit_processes: int = 1
+    def tune(self, cache_bytes: int, commit_processes: int | None = None) -> None:
+        """Bytes of cells (clean and dirty) to hold in memory; processes that write a
+        commit's cell files (1: in this process)."""
+        self.cache_bytes = cache_bytes
+        if commit_processes is not None:
+            self.commit_processes = commit_processes
 
     def commit_shard(self, shard: Shard) -> None:
         """Commit one shard alone (cells, then manifest); in shard-locking mode (distributed
